@@ -1,0 +1,256 @@
+"""Ready-made optimizers of the cautious-decay family, each mirroring the optax alias it extends."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import chex
+import optax
+
+from cljax.transforms.cautious import (
+    Normalization,
+    add_cautious_weight_decay,
+    cautious,
+    scale_by_adamp,
+    scale_by_grams,
+    scale_by_upgd,
+)
+
+__all__ = ["adamp", "cautious_adamw", "cautious_lion", "cwd_adamw", "cwd_lion", "grams", "upgd"]
+
+
+def cautious_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: chex.Numeric = 0.9,
+    b2: chex.Numeric = 0.999,
+    eps: chex.Numeric = 1e-8,
+    eps_root: chex.Numeric = 0.0,
+    mu_dtype: Any = None,
+    weight_decay: optax.ScalarOrSchedule = 1e-4,
+    mask: Any = None,
+    *,
+    nesterov: bool = False,
+    normalization: Normalization = "mean_clamp",
+    clamp: chex.Numeric = 1e-3,
+) -> optax.GradientTransformationExtraArgs:
+    """C-AdamW: AdamW whose Adam direction is masked where it disagrees with the gradient.
+
+    ``chain(cautious(scale_by_adam(...)), add_decayed_weights(weight_decay, mask),
+    scale_by_learning_rate(learning_rate))``: the decay is not masked, as in the paper.
+
+    Args:
+        learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask, nesterov: As in
+            `optax.adamw`.
+        normalization, clamp: As in `cljax.cautious`.
+
+    Example:
+        >>> opt = cljax.cautious_adamw(1e-3)
+        >>> state = opt.init({"w": jnp.zeros(3)})
+
+    References:
+        Liang et al., "Cautious Optimizers: Improving Training with One Line of Code", 2024.
+    """
+    return optax.chain(
+        cautious(
+            optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype, nesterov=nesterov),
+            normalization=normalization,
+            clamp=clamp,
+        ),
+        optax.add_decayed_weights(weight_decay, mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def cautious_lion(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: chex.Numeric = 0.9,
+    b2: chex.Numeric = 0.99,
+    mu_dtype: Any = None,
+    weight_decay: optax.ScalarOrSchedule = 1e-3,
+    mask: Any = None,
+    *,
+    normalization: Normalization = "mean_clamp",
+    clamp: chex.Numeric = 1e-3,
+) -> optax.GradientTransformationExtraArgs:
+    """C-Lion: Lion whose sign direction is masked where it disagrees with the gradient.
+
+    ``chain(cautious(scale_by_lion(...)), add_decayed_weights(...), scale_by_learning_rate(...))``.
+    The first C-Lion used ``normalization='numel_sum'``; the default is the paper's mean clamp.
+
+    Args:
+        learning_rate, b1, b2, mu_dtype, weight_decay, mask: As in `optax.lion`.
+        normalization, clamp: As in `cljax.cautious`.
+
+    References:
+        Liang et al., "Cautious Optimizers: Improving Training with One Line of Code", 2024.
+    """
+    return optax.chain(
+        cautious(optax.scale_by_lion(b1=b1, b2=b2, mu_dtype=mu_dtype), normalization=normalization, clamp=clamp),
+        optax.add_decayed_weights(weight_decay, mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def cwd_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: chex.Numeric = 0.9,
+    b2: chex.Numeric = 0.999,
+    eps: chex.Numeric = 1e-8,
+    eps_root: chex.Numeric = 0.0,
+    mu_dtype: Any = None,
+    weight_decay: optax.ScalarOrSchedule = 1e-4,
+    mask: Any = None,
+    *,
+    nesterov: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    """AdamW with Cautious Weight Decay: decay only where it agrees with the Adam direction.
+
+    ``chain(scale_by_adam(...), add_cautious_weight_decay(weight_decay, mask),
+    scale_by_learning_rate(learning_rate))``; with ``weight_decay=0`` it is `optax.adam`.
+
+    Args:
+        learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask, nesterov: As in
+            `optax.adamw`.
+
+    Example:
+        >>> opt = cljax.cwd_adamw(1e-3, weight_decay=0.1)
+
+    References:
+        Chen et al., "Cautious Weight Decay", 2025. https://arxiv.org/abs/2510.12402
+    """
+    return optax.chain(
+        optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype, nesterov=nesterov),
+        add_cautious_weight_decay(weight_decay, mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def cwd_lion(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: chex.Numeric = 0.9,
+    b2: chex.Numeric = 0.99,
+    mu_dtype: Any = None,
+    weight_decay: optax.ScalarOrSchedule = 1e-3,
+    mask: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Lion with Cautious Weight Decay.
+
+    ``chain(scale_by_lion(...), add_cautious_weight_decay(weight_decay, mask),
+    scale_by_learning_rate(learning_rate))``.
+
+    Args:
+        learning_rate, b1, b2, mu_dtype, weight_decay, mask: As in `optax.lion`.
+
+    References:
+        Chen et al., "Cautious Weight Decay", 2025. https://arxiv.org/abs/2510.12402
+    """
+    return optax.chain(
+        optax.scale_by_lion(b1=b1, b2=b2, mu_dtype=mu_dtype),
+        add_cautious_weight_decay(weight_decay, mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def grams(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: chex.Numeric = 0.9,
+    b2: chex.Numeric = 0.999,
+    eps: chex.Numeric = 1e-8,
+    eps_root: chex.Numeric = 0.0,
+    mu_dtype: Any = None,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Grams: Adam's magnitude, the gradient's sign, decoupled weight decay.
+
+    ``chain(scale_by_grams(...), add_decayed_weights(weight_decay, mask),
+    scale_by_learning_rate(learning_rate))``. `weight_decay` defaults to 0, as in the authors'
+    package.
+
+    Args:
+        learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask: As in `optax.adamw`.
+
+    References:
+        Cao, Li and Song, "Grams: Gradient Descent with Adaptive Momentum Scaling", 2024.
+    """
+    return optax.chain(
+        scale_by_grams(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype),
+        optax.add_decayed_weights(weight_decay, mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def adamp(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: chex.Numeric = 0.9,
+    b2: chex.Numeric = 0.999,
+    eps: chex.Numeric = 1e-8,
+    weight_decay: chex.Numeric = 0.0,
+    *,
+    delta: chex.Numeric = 0.1,
+    wd_ratio: chex.Numeric = 0.1,
+    nesterov: bool = False,
+    mu_dtype: Any = None,
+    channel_axis: int = -1,
+) -> optax.GradientTransformationExtraArgs:
+    """AdamP: Adam that removes the radial component of updates to scale-invariant weights.
+
+    ``chain(scale_by_adamp(...), scale_by_learning_rate(learning_rate))``; defaults follow the
+    reference implementation (``weight_decay=0``, ``delta=0.1``, ``wd_ratio=0.1``).
+
+    Args:
+        learning_rate: Learning rate or schedule.
+        b1, b2, eps, weight_decay, delta, wd_ratio, nesterov, mu_dtype, channel_axis: As in
+            `cljax.scale_by_adamp`.
+
+    References:
+        Heo et al., "AdamP: Slowing Down the Slowdown for Momentum Optimizers on Scale-invariant
+        Weights", ICLR 2021.
+    """
+    return optax.chain(
+        scale_by_adamp(
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            weight_decay=weight_decay,
+            delta=delta,
+            wd_ratio=wd_ratio,
+            nesterov=nesterov,
+            mu_dtype=mu_dtype,
+            channel_axis=channel_axis,
+        ),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def upgd(
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    beta_utility: chex.Numeric = 0.999,
+    sigma: chex.Numeric = 1e-3,
+    mask: Any = None,
+    *,
+    protect: bool = True,
+    normalization: Literal["global", "local"] = "global",
+    seed: int | Any = 0,
+) -> optax.GradientTransformationExtraArgs:
+    """UPGD: utility-gated, perturbed SGD with decoupled weight decay.
+
+    ``chain(scale_by_upgd(...), add_decayed_weights(weight_decay, mask),
+    scale_by_learning_rate(learning_rate))``, i.e.
+    ``w <- (1 - lr wd) w - lr (g + xi)(1 - s)``.
+
+    Args:
+        learning_rate: Learning rate or schedule.
+        weight_decay, mask: As in `optax.add_decayed_weights`.
+        beta_utility, sigma, protect, normalization, seed: As in `cljax.scale_by_upgd`.
+
+    References:
+        Elsayed and Mahmood, "Addressing Loss of Plasticity and Catastrophic Forgetting in
+        Continual Learning", ICLR 2024.
+    """
+    return optax.chain(
+        scale_by_upgd(beta_utility, sigma, protect=protect, normalization=normalization, seed=seed),
+        optax.add_decayed_weights(weight_decay, mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )
