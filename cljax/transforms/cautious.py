@@ -330,7 +330,8 @@ def scale_by_adamp(
         wd_ratio: Decay multiplier for weights found scale-invariant.
         nesterov: Use the Nesterov momentum direction. Static.
         mu_dtype: Dtype of the first moment (default: the parameter's).
-        channel_axis: The output-channel axis of the per-channel view. Static.
+        channel_axis: The output-channel axis of the per-channel view. Static: list it in the
+            `static_args` of `optax.inject_hyperparams`, which would otherwise trace it.
 
     Returns:
         A transform whose state is `optax.ScaleByAdamState`.
@@ -414,7 +415,7 @@ def scale_by_upgd(
     protect: bool = True,
     normalization: Literal["global", "local"] = "global",
     seed: int | jax.Array = 0,
-    utility_dtype: Any = jnp.float32,
+    utility_dtype: Any = "float32",
 ) -> optax.GradientTransformationExtraArgs:
     """Gates the gradient and a Gaussian perturbation by each weight's running utility (UPGD).
 
@@ -440,8 +441,9 @@ def scale_by_upgd(
         protect: True for the utility-protected gradient (the paper's UPGD), False for the
             non-protecting variant. Static.
         normalization: ``'global'`` (divide by the global maximum) or ``'local'``. Static.
-        seed: An int or a PRNG key for the noise; the key then lives in the state. Static.
-        utility_dtype: Dtype of the utility trace (float32 by default: a bf16 trace cannot hold
+        seed: An int or a PRNG key for the noise; the key then lives in the state. Static: list
+            it in the `static_args` of `optax.inject_hyperparams`.
+        utility_dtype: Dtype of the utility trace, a name or dtype (float32 by default: a bf16 trace cannot hold
             ``beta = 0.999`` increments). Static.
 
     Returns:
