@@ -93,7 +93,13 @@ def state_shardings(tx: Any, params: Any, param_shardings: Any) -> Any:
             `NamedSharding`s on one mesh.
 
     Example:
+        >>> mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))
+        >>> params = {"w": jnp.zeros((4, 6))}
+        >>> param_shardings = {"w": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))}
+        >>> tx = optax.adam(1e-3)
         >>> shardings = cljax.state_shardings(tx, params, param_shardings)
+        >>> shardings[0].mu["w"].spec
+        P('data',)
         >>> opt_state = jax.jit(tx.init, out_shardings=shardings)(params)
     """
     param_leaves = jax.tree_util.tree_flatten_with_path(params)[0]
