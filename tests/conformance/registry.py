@@ -23,6 +23,7 @@ class Case(NamedTuple):
     extra_args: dict[str, Any] = {}  # required keyword-only extras for `update`
     needs_params: bool = False  # `update` raises without params
     leafwise: bool = True  # each leaf's update depends only on that leaf (no global reductions)
+    strict_dtypes: bool = False  # no optax arithmetic inside: must run under strict promotion
 
 
 CASES: dict[str, Case] = {
@@ -31,12 +32,13 @@ CASES: dict[str, Case] = {
     "cautious/lion_numel_sum": Case(
         cljax.cautious, {"inner": optax.scale_by_lion(), "normalization": "numel_sum"}
     ),
+    "cautious/sgd": Case(cljax.cautious, {"inner": optax.identity()}, strict_dtypes=True),
     "cautious/momentum_source": Case(
         cljax.cautious, {"inner": optax.scale_by_adam(), "mask_source": "momentum", "clamp": 1e-3}
     ),
     # CA-02 cautious weight decay.
     "add_cautious_weight_decay": Case(
-        cljax.add_cautious_weight_decay, {"weight_decay": 0.1}, needs_params=True
+        cljax.add_cautious_weight_decay, {"weight_decay": 0.1}, needs_params=True, strict_dtypes=True
     ),
     "add_cautious_weight_decay/schedule": Case(
         cljax.add_cautious_weight_decay,
@@ -51,6 +53,7 @@ CASES: dict[str, Case] = {
         {"weight_decay": 0.01, "delta": 0.1},
         static_args=("channel_axis",),
         needs_params=True,
+        strict_dtypes=True,
     ),
     # CA-03 UPGD (global max: not leafwise).
     "scale_by_upgd": Case(
@@ -59,6 +62,7 @@ CASES: dict[str, Case] = {
         static_args=("seed",),
         needs_params=True,
         leafwise=False,
+        strict_dtypes=True,
     ),
     "scale_by_upgd/local_nonprotecting": Case(
         cljax.scale_by_upgd,

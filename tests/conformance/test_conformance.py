@@ -118,6 +118,22 @@ def test_state_shape_and_dtype_are_stable(case, dtype):
             assert bool(jnp.all(jnp.isfinite(u.astype(jnp.float32)))), f"leaf '{name}' not finite"
 
 
+STRICT = {k: c for k, c in CASES.items() if c.strict_dtypes}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", list(STRICT.values()), ids=list(STRICT))
+def test_strict_dtype_promotion(case, dtype):
+    """cljax's own arithmetic never relies on implicit dtype promotion."""
+    tx = build(case)
+    params = make_params(dtype)
+    with jax.numpy_dtype_promotion("strict"):
+        state = tx.init(params)
+        for i in range(2):
+            updates, state = tx.update(make_grads(params, i), state, params, **case.extra_args)
+    assert all(u.dtype == dtype for u in jax.tree.leaves(updates))
+
+
 @parametrize_cases
 def test_params_none(case):
     tx = build(case)
