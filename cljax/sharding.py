@@ -42,6 +42,9 @@ def tied_spec(
 ) -> PartitionSpec:
     """Returns a `PartitionSpec` for a state leaf tied to a parameter, always dividing its shape.
 
+    A state leaf of the parameter's own shape (element-wise state) gets `param_spec` itself, as
+    written, whenever that divides; other results drop trailing ``None`` entries.
+
     Args:
         state_shape: Shape of the state leaf.
         param_shape: Shape of the parameter it belongs to.
@@ -69,7 +72,20 @@ def tied_spec(
         out.append(entry)
     while out and out[-1] is None:
         out.pop()
+    if tuple(state_shape) == tuple(param_shape) and out == _strip(entries):
+        return param_spec  # element-wise state: exactly the parameter's spec, as written
     return PartitionSpec(*out)
+
+
+def _strip(entries: list) -> list:
+    entries = list(entries)
+    while entries and entries[-1] is None:
+        entries.pop()
+    return entries
+
+
+def _leaf_name(path) -> str:
+    return jax.tree_util.keystr(tuple(path), simple=True, separator="/") or "<root>"
 
 
 def _path_key(path) -> tuple:
@@ -114,13 +130,16 @@ def state_shardings(tx: Any, params: Any, param_shardings: Any) -> Any:
     for (path, _), sharding in zip(param_leaves, sharding_leaves, strict=True):
         if not isinstance(sharding, NamedSharding):
             raise ValueError(
-                f"state_shardings: leaf '{jax.tree_util.keystr(path, simple=True, separator='/')}' "
-                f"has sharding {sharding!r}; every parameter needs a NamedSharding."
+                f"state_shardings: leaf '{_leaf_name(path)}' has sharding {sharding!r}; "
+                "every parameter needs a NamedSharding."
             )
         if mesh is None:
-            mesh = sharding.mesh
-        elif sharding.mesh.shape != mesh.shape:
-            raise ValueError("state_shardings: every parameter sharding must use the same mesh.")
+            mesh, first = sharding.mesh, path
+        elif sharding.mesh != mesh:
+            raise ValueError(
+                f"state_shardings: leaf '{_leaf_name(path)}' has a sharding on mesh {sharding.mesh}; "
+                f"leaf '{_leaf_name(first)}' uses mesh {mesh}. Put every parameter on one mesh."
+            )
     if mesh is None:
         raise ValueError("state_shardings: `params` has no leaves.")
     mesh_shape = dict(mesh.shape)

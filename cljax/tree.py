@@ -18,8 +18,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from cljax import _checks
-
 __all__ = [
     "MatrixSpec",
     "as_matrices",
@@ -40,9 +38,15 @@ Pattern = str | re.Pattern | Sequence[str | re.Pattern]
 def _compile(fn: str, pattern: Pattern) -> list[re.Pattern]:
     if isinstance(pattern, (str, re.Pattern)):
         pattern = [pattern]
+    elif not isinstance(pattern, (list, tuple)):
+        raise TypeError(
+            f"{fn}(pattern=...) must be a string, a compiled regex or a list of them, got {type(pattern).__name__}."
+        )
     compiled = []
     for p in pattern:
         if isinstance(p, re.Pattern):
+            if not isinstance(p.pattern, str):
+                raise TypeError(f"{fn}(pattern=...) must be a str regex (paths are strings), got bytes regex {p!r}.")
             compiled.append(p)
         elif isinstance(p, str):
             try:
@@ -56,9 +60,18 @@ def _compile(fn: str, pattern: Pattern) -> list[re.Pattern]:
     return compiled
 
 
+def _path_string(path) -> str:
+    """The string patterns are matched against: keys joined by ``/``; ``''`` for a bare root leaf."""
+    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
+
+
 def leaf_paths(tree: Any) -> Any:
-    """Returns a tree of the same structure whose leaves are their path strings (``'enc/w'``)."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: _checks.leaf_name(path), tree)
+    """Returns a tree of the same structure whose leaves are their path strings (``'enc/w'``).
+
+    These are the strings `select`, `exclude` and `label_by_path` match; a bare-array tree has
+    the empty path ``''``.
+    """
+    return jax.tree_util.tree_map_with_path(lambda path, _: _path_string(path), tree)
 
 
 def select(pattern: Pattern) -> Callable[[Any], Any]:
@@ -80,7 +93,7 @@ def select(pattern: Pattern) -> Callable[[Any], Any]:
 
     def mask_fn(params):
         return jax.tree_util.tree_map_with_path(
-            lambda path, _: any(r.search(_checks.leaf_name(path)) for r in regexes), params
+            lambda path, _: any(r.search(_path_string(path)) for r in regexes), params
         )
 
     return mask_fn
@@ -95,7 +108,7 @@ def exclude(pattern: Pattern) -> Callable[[Any], Any]:
 
     def mask_fn(params):
         return jax.tree_util.tree_map_with_path(
-            lambda path, _: not any(r.search(_checks.leaf_name(path)) for r in regexes), params
+            lambda path, _: not any(r.search(_path_string(path)) for r in regexes), params
         )
 
     return mask_fn
@@ -118,7 +131,7 @@ def label_by_path(rules: Mapping[str, Pattern], *, default: str) -> Callable[[An
 
     def label_fn(params):
         def label(path, _):
-            name = _checks.leaf_name(path)
+            name = _path_string(path)
             for lab, regexes in compiled:
                 if any(r.search(name) for r in regexes):
                     return lab
@@ -150,7 +163,12 @@ class MatrixSpec(NamedTuple):
         where = f"leaf '{name}' " if name else "a leaf "
 
         def norm(axes):
-            axes = (axes,) if isinstance(axes, int) else tuple(axes)
+            if isinstance(axes, int):
+                axes = (axes,)
+            elif isinstance(axes, (tuple, list)):
+                axes = tuple(axes)
+            else:
+                raise TypeError(f"MatrixSpec: rows and cols must be an int or a tuple of ints, got {axes!r} in {self}.")
             if not axes:
                 raise ValueError(f"MatrixSpec: rows and cols each need at least one axis, got {self}.")
             out = []
@@ -216,7 +234,7 @@ StateQuery = type | tuple[type, ...] | Callable[[Any], bool]
 
 
 def _matcher(query: StateQuery) -> Callable[[Any], bool]:
-    if isinstance(query, type) or (isinstance(query, tuple) and all(isinstance(t, type) for t in query)):
+    if isinstance(query, type) or (isinstance(query, tuple) and query and all(isinstance(t, type) for t in query)):
         return lambda s: isinstance(s, query)
     if callable(query):
         return query
@@ -243,15 +261,36 @@ def _state_types(opt_state: Any) -> list[str]:
     return sorted(set(names))
 
 
+def _one_level(node: Any) -> tuple[list[Any], Any] | None:
+    """Returns ``(children, treedef)`` one pytree level below `node`, or None for a leaf."""
+    children, treedef = jax.tree_util.tree_flatten(node, is_leaf=lambda x: x is not node)
+    if jax.tree_util.treedef_is_leaf(treedef):
+        return None
+    return children, treedef
+
+
 def find_states(opt_state: Any, state_type: StateQuery) -> list[Any]:
     """Returns every sub-state of `opt_state` matching `state_type`, in tree order.
+
+    Matches nested inside a match (``masked(chain(masked(...)))``) are included, outer first.
 
     Args:
         opt_state: Any optimizer state (nested chain / partition / masked / injected states).
         state_type: A state class, a tuple of classes, or a predicate ``state -> bool``.
     """
     is_match = _matcher(state_type)
-    return [s for s in jax.tree.leaves(opt_state, is_leaf=is_match) if is_match(s)]
+    found: list[Any] = []
+
+    def walk(node):
+        if is_match(node):
+            found.append(node)
+        level = _one_level(node)
+        if level is not None:
+            for child in level[0]:
+                walk(child)
+
+    walk(opt_state)
+    return found
 
 
 def _pick(fn: str, opt_state: Any, state_type: StateQuery, index: int | None) -> int:
@@ -262,6 +301,8 @@ def _pick(fn: str, opt_state: Any, state_type: StateQuery, index: int | None) ->
             f"{fn}: no {name} in the optimizer state; it holds {_state_types(opt_state) or 'no NamedTuple states'}. "
             "Build the optimizer with the transform that owns this state."
         )
+    if index is not None and (isinstance(index, bool) or not isinstance(index, int)):
+        raise TypeError(f"{fn}(index=...) must be an int or None, got {index!r}.")
     if index is None:
         if len(found) > 1:
             raise ValueError(
@@ -313,11 +354,19 @@ def replace_state(
     is_match = _matcher(query)
     seen = [0]
 
-    def swap(node):
-        if not is_match(node):
+    def rebuild(node):  # the same pre-order walk as `find_states`
+        if is_match(node):
+            i = seen[0]
+            seen[0] += 1
+            if i == target:
+                return new_state
+        level = _one_level(node)
+        if level is None:
             return node
-        i = seen[0]
-        seen[0] += 1
-        return new_state if i == target else node
+        children, treedef = level
+        rebuilt = [rebuild(child) for child in children]
+        if all(new is old for new, old in zip(rebuilt, children, strict=True)):
+            return node  # untouched sub-trees stay the very same objects
+        return treedef.unflatten(rebuilt)
 
-    return jax.tree.map(swap, opt_state, is_leaf=is_match)
+    return rebuild(opt_state)

@@ -498,7 +498,7 @@ def scale_by_upgd(
                 flat = corrected.reshape(-1) if corrected.ndim == 0 else corrected
                 norm = jnp.linalg.norm(flat, axis=-1, keepdims=True)
                 ratio = (flat / jnp.maximum(norm, 1e-12)).reshape(corrected.shape)
-            gate = 1.0 - jax.nn.sigmoid(ratio)
+            gate = jax.nn.sigmoid(-ratio)  # = 1 - sigmoid(ratio), without cancellation near 1
             noise = sigma * jax.random.normal(k, g.shape, jnp.float32)
             g32 = g.astype(jnp.float32)
             out = (g32 + noise) * gate if protect else g32 + noise * gate
