@@ -1,24 +1,18 @@
-"""cljax: continual-learning and efficient-model-update methods as Optax transforms and pytree functions."""
+"""cljax: continual-learning and efficient-model-update methods as Optax transforms and pytree functions.
+
+Every public name is re-exported flat from here. Each family module lists its names explicitly in
+its own ``__all__`` (`cljax.transforms.cautious`, `cljax.transforms.merging`, ...); the
+ready-made optimizers are in `cljax.optimizers`, the pytree helpers in `cljax.tree` and the
+sharding helpers in `cljax.sharding`.
+"""
 
 from cljax import optimizers as optimizers
 from cljax import sharding as sharding
 from cljax import transforms as transforms
 from cljax import tree as tree
-from cljax.optimizers import adamp as adamp
-from cljax.optimizers import cautious_adamw as cautious_adamw
-from cljax.optimizers import cautious_lion as cautious_lion
-from cljax.optimizers import cwd_adamw as cwd_adamw
-from cljax.optimizers import cwd_lion as cwd_lion
-from cljax.optimizers import grams as grams
-from cljax.optimizers import upgd as upgd
+from cljax.optimizers import *  # noqa: F403  (names listed in optimizers.__all__)
 from cljax.sharding import state_shardings as state_shardings
-from cljax.transforms import AddCautiousWeightDecayState as AddCautiousWeightDecayState
-from cljax.transforms import ScaleByUpgdState as ScaleByUpgdState
-from cljax.transforms import add_cautious_weight_decay as add_cautious_weight_decay
-from cljax.transforms import cautious as cautious
-from cljax.transforms import scale_by_adamp as scale_by_adamp
-from cljax.transforms import scale_by_grams as scale_by_grams
-from cljax.transforms import scale_by_upgd as scale_by_upgd
+from cljax.transforms import *  # noqa: F403  (names listed in transforms.__all__)
 from cljax.tree import MatrixSpec as MatrixSpec
 from cljax.tree import as_matrices as as_matrices
 from cljax.tree import exclude as exclude
@@ -32,30 +26,22 @@ from cljax.tree import select as select
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AddCautiousWeightDecayState",
+_TREE_NAMES = [
     "MatrixSpec",
-    "ScaleByUpgdState",
-    "adamp",
-    "add_cautious_weight_decay",
     "as_matrices",
-    "cautious",
-    "cautious_adamw",
-    "cautious_lion",
-    "cwd_adamw",
-    "cwd_lion",
     "exclude",
     "find_state",
     "find_states",
     "from_matrices",
-    "grams",
     "label_by_path",
     "matrix_shape",
     "replace_state",
-    "scale_by_adamp",
-    "scale_by_grams",
-    "scale_by_upgd",
     "select",
-    "state_shardings",
-    "upgd",
 ]
+
+__all__ = sorted(
+    [*optimizers.__all__, *transforms.__all__, *_TREE_NAMES, "state_shardings"]
+)
+
+if len(set(__all__)) != len(__all__):  # two families exporting one name would shadow each other
+    raise ImportError(f"cljax: duplicate public names: {sorted({n for n in __all__ if __all__.count(n) > 1})}")

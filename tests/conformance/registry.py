@@ -1,102 +1,29 @@
 """The conformance registry: one `Case` per public transform or optimizer configuration.
 
-Every family adds its transforms here (in the same change that adds them); the parametrised tests
-in `test_conformance.py` run every check on every case.
+Each family keeps its cases in its own module, ``cases_<family>.py``, holding ``CASES`` (name ->
+`Case`) and ``NOT_TRANSFORMS`` (its public names that are not transform factories: states,
+pure functions, helpers). A family adds its module to `_FAMILIES` in the change that adds it; the
+parametrised tests in `test_conformance.py` run every check on every case.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from tests.conformance import (
+    cases_cautious,
+    cases_low_rank,
+    cases_merging,
+    cases_orthogonal,
+    cases_regularizers,
+    cases_sparse,
+)
+from tests.conformance.case import Case
 
-import optax
+_FAMILIES = (cases_cautious, cases_low_rank, cases_merging, cases_orthogonal, cases_regularizers, cases_sparse)
 
-import cljax
-
-
-class Case(NamedTuple):
-    """What the conformance suite needs to build and drive one transform."""
-
-    factory: Callable[..., optax.GradientTransformation]
-    kwargs: dict[str, Any]
-    static_args: tuple[str, ...] = ()  # structural args and callables: never injected
-    extra_args: dict[str, Any] = {}  # required keyword-only extras for `update`
-    needs_params: bool = False  # `update` raises without params
-    leafwise: bool = True  # each leaf's update depends only on that leaf (no global reductions)
-    strict_dtypes: bool = False  # no optax arithmetic inside: must run under strict promotion
-
-
-CASES: dict[str, Case] = {
-    # CA-01 cautious mask.
-    "cautious/adam": Case(cljax.cautious, {"inner": optax.scale_by_adam(), "clamp": 1e-3}),
-    "cautious/lion_numel_sum": Case(
-        cljax.cautious, {"inner": optax.scale_by_lion(), "normalization": "numel_sum"}
-    ),
-    "cautious/sgd": Case(cljax.cautious, {"inner": optax.identity()}, strict_dtypes=True),
-    "cautious/momentum_source": Case(
-        cljax.cautious, {"inner": optax.scale_by_adam(), "mask_source": "momentum", "clamp": 1e-3}
-    ),
-    # CA-02 cautious weight decay.
-    "add_cautious_weight_decay": Case(
-        cljax.add_cautious_weight_decay, {"weight_decay": 0.1}, needs_params=True, strict_dtypes=True
-    ),
-    "add_cautious_weight_decay/schedule": Case(
-        cljax.add_cautious_weight_decay,
-        {"weight_decay": optax.linear_schedule(0.1, 0.01, 10)},
-        needs_params=True,
-    ),
-    # CA-05 Grams.
-    "scale_by_grams": Case(cljax.scale_by_grams, {"b1": 0.9, "b2": 0.99}),
-    # OR-08 AdamP.
-    "scale_by_adamp": Case(
-        cljax.scale_by_adamp,
-        {"weight_decay": 0.01, "delta": 0.1},
-        static_args=("channel_axis",),
-        needs_params=True,
-        strict_dtypes=True,
-    ),
-    # CA-03 UPGD (global max: not leafwise).
-    "scale_by_upgd": Case(
-        cljax.scale_by_upgd,
-        {"beta_utility": 0.9, "sigma": 1e-2, "seed": 3},
-        static_args=("seed",),
-        needs_params=True,
-        leafwise=False,
-        strict_dtypes=True,
-    ),
-    "scale_by_upgd/local_nonprotecting": Case(
-        cljax.scale_by_upgd,
-        {"beta_utility": 0.9, "sigma": 1e-2, "protect": False, "normalization": "local"},
-        static_args=("seed",),
-        needs_params=True,
-    ),
-    # Ready-made optimizers.
-    "cautious_adamw": Case(cljax.cautious_adamw, {"learning_rate": 1e-2, "weight_decay": 1e-2}, needs_params=True),
-    "cautious_lion": Case(cljax.cautious_lion, {"learning_rate": 1e-3, "weight_decay": 1e-2}, needs_params=True),
-    "cwd_adamw": Case(cljax.cwd_adamw, {"learning_rate": 1e-2, "weight_decay": 0.1}, needs_params=True),
-    "cwd_lion": Case(cljax.cwd_lion, {"learning_rate": 1e-3, "weight_decay": 0.1}, needs_params=True),
-    "grams": Case(cljax.grams, {"learning_rate": 1e-2, "weight_decay": 1e-2}, needs_params=True),
-    "adamp": Case(
-        cljax.adamp,
-        {"learning_rate": 1e-2, "weight_decay": 1e-2},
-        static_args=("channel_axis",),
-        needs_params=True,
-    ),
-    "upgd": Case(
-        cljax.upgd,
-        {"learning_rate": 1e-2, "weight_decay": 1e-3, "sigma": 1e-2, "seed": 0},
-        static_args=("seed",),
-        needs_params=True,
-        leafwise=False,
-    ),
-}
-
-# Public names of `cljax` that are not transform factories (helpers, states, pure functions).
-NOT_TRANSFORMS = frozenset(
+# Public names of `cljax` outside any family: pytree and sharding helpers.
+_HELPERS = frozenset(
     {
-        "AddCautiousWeightDecayState",
         "MatrixSpec",
-        "ScaleByUpgdState",
         "as_matrices",
         "exclude",
         "find_state",
@@ -109,3 +36,20 @@ NOT_TRANSFORMS = frozenset(
         "state_shardings",
     }
 )
+
+
+def _merge():
+    cases: dict[str, Case] = {}
+    not_transforms = set(_HELPERS)
+    for family in _FAMILIES:
+        clash = sorted(set(cases) & set(family.CASES))
+        if clash:
+            raise ValueError(f"conformance registry: case names {clash} appear in two families.")
+        cases.update(family.CASES)
+        not_transforms |= family.NOT_TRANSFORMS
+    return cases, frozenset(not_transforms)
+
+
+CASES, NOT_TRANSFORMS = _merge()
+
+__all__ = ["CASES", "NOT_TRANSFORMS", "Case"]

@@ -1,0 +1,5 @@
+"""Ready-made optimizers of the regularizers family."""
+
+from __future__ import annotations
+
+__all__: list[str] = []
