@@ -28,7 +28,21 @@ from tests.helpers import assert_trees_close, assert_trees_equal
 
 IDS = list(CASES)
 CASE_LIST = [CASES[k] for k in IDS]
+# Every check runs on every case. The first case registered for a factory is its primary case;
+# later cases of the same factory are variants. Variants run the composition, distribution and
+# checkpoint checks (the costly ones, several compilations each) only in the slow suite
+# (``pytest -m slow``); primary cases run them by default.
 parametrize_cases = pytest.mark.parametrize("case", CASE_LIST, ids=IDS)
+_PRIMARY = {}
+for _name, _case in CASES.items():
+    _PRIMARY.setdefault(_case.factory, _name)
+parametrize_cases_variants_slow = pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(CASES[k], id=k, marks=[] if _PRIMARY[CASES[k].factory] == k else [pytest.mark.slow])
+        for k in IDS
+    ],
+)
 
 SHAPES = {"scalar": (), "vec": (8,), "mat": (8, 4), "stack": (2, 8, 4)}
 SPECS = {"scalar": P(), "vec": P("data"), "mat": P("data", "model"), "stack": P(None, "data", "model")}
@@ -163,7 +177,7 @@ def test_inject_hyperparams_matches_plain_factory(case):
     assert numeric <= set(got_state.hyperparams), "a float hyper-parameter was not injected"
 
 
-@parametrize_cases
+@parametrize_cases_variants_slow
 def test_chain_and_masked(case):
     params = make_params()
     alone, _ = run(build(case), case, params, 2)
@@ -177,7 +191,7 @@ def test_chain_and_masked(case):
         assert_trees_close({k: masked[k] for k in SHAPES if k != "vec"}, {k: alone[k] for k in SHAPES if k != "vec"})
 
 
-@parametrize_cases
+@parametrize_cases_variants_slow
 def test_partition_frozen_leaves_allocate_no_state(case):
     params = make_params()
     labels = {name: "frozen" if name in ("vec", "stack") else "train" for name in SHAPES}
@@ -194,7 +208,7 @@ def test_partition_frozen_leaves_allocate_no_state(case):
         assert_trees_close({k: new_params[k] for k in trainable}, alone)
 
 
-@parametrize_cases
+@parametrize_cases_variants_slow
 def test_multisteps_and_none_leaves(case):
     params = make_params()
     tx = optax.MultiSteps(case.factory(**case.kwargs), every_k_schedule=2)
@@ -223,7 +237,7 @@ def _replicated_grads(params, step: int):
     return jax.tree.map(lambda *xs: jnp.stack(xs), *per_device)
 
 
-@parametrize_cases
+@parametrize_cases_variants_slow
 def test_pmap_with_pmean_matches_single_device(case):
     assert jax.device_count() >= N_DEVICES, "conftest must simulate 8 CPU devices"
     tx = build(case)
@@ -256,7 +270,7 @@ def test_pmap_with_pmean_matches_single_device(case):
     assert_trees_close(first(p_state), s_state, rtol=1e-5, atol=1e-6)
 
 
-@parametrize_cases
+@parametrize_cases_variants_slow
 def test_sharded_jit_matches_unsharded(case):
     mesh = Mesh(np.array(jax.devices()[:N_DEVICES]).reshape(4, 2), ("data", "model"))
     tx = build(case)
@@ -287,7 +301,7 @@ def test_sharded_jit_matches_unsharded(case):
 # Checkpointing.
 
 
-@parametrize_cases
+@parametrize_cases_variants_slow
 def test_orbax_round_trip_is_bit_identical(case, tmp_path):
     tx = build(case)
     params = make_params()
