@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import chex
+import jax
 import optax
 
 from cljax.transforms.cautious import (
     Normalization,
+    _cautious_decay_leaf,
     add_cautious_weight_decay,
     cautious,
     scale_by_adamp,
@@ -55,6 +57,10 @@ def cautious_adamw(
             optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype, nesterov=nesterov),
             normalization=normalization,
             clamp=clamp,
+            # Adam's direction has its first moment's sign (the denominator is positive); testing
+            # the moment spares XLA a pass that writes the direction to memory. Nesterov's
+            # direction mixes in the gradient, so it is tested itself.
+            mask_source="direction" if nesterov else "momentum",
         ),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
@@ -118,11 +124,60 @@ def cwd_adamw(
     References:
         Chen et al., "Cautious Weight Decay", 2025. https://arxiv.org/abs/2510.12402
     """
+    adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype, nesterov=nesterov)
     return optax.chain(
-        optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype, nesterov=nesterov),
-        add_cautious_weight_decay(weight_decay, mask),
+        _with_cautious_decay(adam, weight_decay, mask, sign_from_mu=not nesterov),
         optax.scale_by_learning_rate(learning_rate),
     )
+
+
+def _with_cautious_decay(
+    adam: optax.GradientTransformation,
+    weight_decay: optax.ScalarOrSchedule,
+    mask: Any,
+    *,
+    sign_from_mu: bool,
+) -> optax.GradientTransformationExtraArgs:
+    """`adam` followed by Cautious Weight Decay, in one transform whose state is `adam`'s.
+
+    Gives ``chain(adam, add_cautious_weight_decay(weight_decay, mask))``'s updates. With
+    `sign_from_mu`, the decay's sign test reads Adam's new first moment instead of the direction
+    ``mu_hat / (sqrt(nu_hat) + eps)``: the denominator is positive, so both have one sign (they
+    differ only where the direction underflows to zero). Reading the moment, which the step writes
+    anyway, lets XLA compute the direction once, inside the parameter-update loop, instead of
+    writing it to memory for a second reader (1.9x -> 1.05x of `optax.adamw`'s step time on the
+    CPU). A scheduled `weight_decay` is evaluated at Adam's step count, as
+    `add_cautious_weight_decay` evaluates it at its own.
+    """
+    is_none = lambda x: x is None
+    if not callable(weight_decay):
+        add_cautious_weight_decay(weight_decay)  # validates the value
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        if params is None:
+            raise ValueError("cwd_adamw: `update` needs `params`; pass the current parameters.")
+        strength = weight_decay(state.count) if callable(weight_decay) else weight_decay
+        direction, state = adam.update(updates, state, params)
+        sign_source = state.mu if sign_from_mu else direction
+
+        def decay(d, p, ref):
+            return jax.tree.map(lambda *x: _cautious_decay_leaf(*x, strength), d, p, ref, is_leaf=is_none)
+
+        if mask is None:
+            return decay(direction, params, sign_source), state
+        where = mask(params) if callable(mask) else mask
+        out = jax.tree.map(
+            lambda on, d, p, ref: decay(d, p, ref) if on else d,
+            where,
+            direction,
+            params,
+            sign_source,
+            is_leaf=is_none,
+        )
+        return out, state
+
+    return optax.GradientTransformationExtraArgs(adam.init, update_fn)
 
 
 def cwd_lion(

@@ -157,6 +157,14 @@ class AddCautiousWeightDecayState(NamedTuple):
     count: chex.Array  # int32 step count fed to the schedule
 
 
+def _cautious_decay_leaf(d, p, sign_source, strength):
+    """``d + strength * 1[sign_source * p >= 0] * p``: CWD on one leaf (None passes through)."""
+    if d is None:
+        return None
+    decay = jnp.where(_agree(sign_source, p, strict=False), strength * p, jnp.zeros_like(p))
+    return (d + decay).astype(d.dtype)
+
+
 def add_cautious_weight_decay(
     weight_decay: optax.ScalarOrSchedule = 0.0,
     mask: Any = None,
@@ -201,13 +209,9 @@ def add_cautious_weight_decay(
         else:
             strength = weight_decay
 
-        def leaf(d, p):
-            if d is None:
-                return None
-            decay = jnp.where(_agree(d, p, strict=False), strength * p, jnp.zeros_like(p))
-            return (d + decay).astype(d.dtype)
-
-        out = jax.tree.map(leaf, updates, params, is_leaf=lambda x: x is None)
+        out = jax.tree.map(
+            lambda d, p: _cautious_decay_leaf(d, p, d, strength), updates, params, is_leaf=lambda x: x is None
+        )
         return out, state
 
     tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -266,35 +270,29 @@ def scale_by_grams(
 # OR-08: AdamP.
 
 
-def _cosine_rows(a: jax.Array, b: jax.Array, eps) -> jax.Array:
-    """|cos(a_i, b_i)| per row of two (rows, k) matrices, each norm clamped at `eps`."""
-    dot = jnp.sum(a * b, axis=1)
-    na = jnp.maximum(jnp.linalg.norm(a, axis=1), eps)
-    nb = jnp.maximum(jnp.linalg.norm(b, axis=1), eps)
-    return jnp.abs(dot / (na * nb))
-
-
-def _remove_radial(d: jax.Array, w: jax.Array, eps) -> jax.Array:
-    """Removes from each row of `d` its component along the same row of `w`."""
-    w_hat = w / (jnp.linalg.norm(w, axis=1, keepdims=True) + eps)
-    return d - w_hat * jnp.sum(w_hat * d, axis=1, keepdims=True)
-
-
 def _adamp_project(d, w, g, delta, eps, channel_axis: int):
-    """Returns ``(d_projected, triggered)`` for one leaf with at least two dims (float32)."""
-    shape = d.shape
+    """Returns ``(d_projected, triggered)`` for one leaf with at least two dims (float32).
+
+    Written with per-channel reductions along the non-channel axes (no transposes): the whole-leaf
+    sums are the sums of the per-channel ones, and removing the radial part of a row is
+    ``d - w * <w, d> / (|w| + eps)^2``, one broadcast pass over the leaf.
+    """
     axis = channel_axis % d.ndim
-    moved = (shape[axis],) + tuple(n for i, n in enumerate(shape) if i != axis)
-    to_rows = lambda x: jnp.moveaxis(x, axis, 0).reshape(shape[axis], -1)
-    from_rows = lambda x: jnp.moveaxis(x.reshape(moved), 0, axis)
-    dc, wc, gc = to_rows(d), to_rows(w), to_rows(g)
-    channel_hit = jnp.max(_cosine_rows(gc, wc, eps)) < delta / math.sqrt(dc.shape[1])
-    dl, wl, gl = d.reshape(1, -1), w.reshape(1, -1), g.reshape(1, -1)
-    layer_hit = jnp.max(_cosine_rows(gl, wl, eps)) < delta / math.sqrt(dl.shape[1])
-    by_channel = from_rows(_remove_radial(dc, wc, eps))
-    by_layer = _remove_radial(dl, wl, eps).reshape(shape)
-    projected = jnp.where(channel_hit, by_channel, jnp.where(layer_hit, by_layer, d))
-    return projected, jnp.logical_or(channel_hit, layer_hit)
+    rest = tuple(i for i in range(d.ndim) if i != axis)
+    row_len = d.size // d.shape[axis]
+    keep = lambda x: jnp.expand_dims(x, rest)  # (C,) -> broadcastable to the leaf
+    gw_c, gg_c, ww_c, wd_c = (jnp.sum(a * b, axis=rest) for a, b in ((g, w), (g, g), (w, w), (w, d)))
+    gw_l, gg_l, ww_l, wd_l = (jnp.sum(x) for x in (gw_c, gg_c, ww_c, wd_c))
+
+    def abs_cos(gw, gg, ww):
+        return jnp.abs(gw) / (jnp.maximum(jnp.sqrt(gg), eps) * jnp.maximum(jnp.sqrt(ww), eps))
+
+    channel_hit = jnp.max(abs_cos(gw_c, gg_c, ww_c)) < delta / math.sqrt(row_len)
+    layer_hit = abs_cos(gw_l, gg_l, ww_l) < delta / math.sqrt(d.size)
+    coef_c = wd_c / jnp.square(jnp.sqrt(ww_c) + eps)
+    coef_l = wd_l / jnp.square(jnp.sqrt(ww_l) + eps)
+    coef = jnp.where(channel_hit, coef_c, jnp.where(layer_hit, coef_l, jnp.zeros_like(coef_c)))
+    return d - w * keep(coef), jnp.logical_or(channel_hit, layer_hit)
 
 
 def scale_by_adamp(
