@@ -1,0 +1,294 @@
+"""Results of an experiment: aggregation over seeds, Markdown tables, JSON files.
+
+An experiment directory holds ``results.json`` (every number of every run plus the full
+configuration), ``results.md`` (the tables, also printed), ``runs/<method>_seed<k>.json`` (one
+file per finished run, which ``--resume`` reuses), ``checkpoints/`` and the PNG plots.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cljax.experiments import metrics as _metrics
+
+__all__ = ["compare_table", "load_results", "markdown_tables", "summarize_runs", "write_json"]
+
+# (key, column title, percent) of the main table, per scenario.
+_MAIN = (
+    ("acc", "ACC", True),
+    ("bwt", "BWT", True),
+    ("fwt", "FWT", True),
+    ("forgetting_max", "F_max", True),
+    ("forgetting_first", "F_first", True),
+    ("min_acc", "min-ACC", True),
+    ("wc_acc", "WC-ACC", True),
+    ("nfr", "NFR", True),
+    ("final_loss", "CE", False),
+    ("delta_ce", "ΔCE", False),
+)
+_CONTINUAL = (
+    ("min_acc", "min-ACC", True),
+    ("wc_acc", "WC-ACC", True),
+    ("aaa", "AAA", True),
+    ("wf", "WF", True),
+    ("stability_gap", "gap", True),
+    ("recovery_steps", "recovery (steps)", False),
+)
+_PLASTICITY = (
+    ("new_task_acc_first", "new-task ACC (first 10%)", True),
+    ("new_task_acc_last", "new-task ACC (last 10%)", True),
+    ("dead_fraction_last", "dead units", True),
+    ("effective_rank_last", "eff. rank", False),
+    ("weight_magnitude_last", "mean abs w", False),
+)
+
+
+def _values(runs: Mapping[str, Any], *path: str) -> list[float]:
+    out = []
+    for result in runs.values():
+        node: Any = result
+        for key in path:
+            node = node.get(key) if isinstance(node, Mapping) else None
+        out.append(float("nan") if node is None else float(node))
+    return out
+
+
+def summarize_runs(
+    runs: Mapping[str, Mapping[str, Any]], scenarios: Sequence[str]
+) -> dict[str, Any]:
+    """Mean and standard deviation over seeds of every reported number, per method.
+
+    Args:
+        runs: ``method -> {seed: run result}`` (results of `runner.run`).
+        scenarios: The stream's scenarios.
+
+    Returns:
+        ``method -> {"metrics": {scenario: {key: aggregate}}, "continual": ..., "plasticity": ...,
+        "memory": {key: aggregate}, "wall_time_s": aggregate, "xla_compilations": aggregate,
+        "R_mean": {scenario: matrix}, "seeds": [...]}`` with `metrics.aggregate` entries.
+
+    Example:
+        >>> from cljax.experiments.results import summarize_runs
+        >>> run = {"metrics": {"class": {"acc": 0.5}}, "R": {"class": [[0.5]]}}
+        >>> summarize_runs({"naive": {"0": run}}, ["class"])["naive"]["metrics"]["class"]["acc"]["mean"]
+        0.5
+    """
+    summary: dict[str, Any] = {}
+    for method, by_seed in runs.items():
+        entry: dict[str, Any] = {
+            "seeds": list(by_seed),
+            "metrics": {},
+            "continual": {},
+            "R_mean": {},
+        }
+        for s in scenarios:
+            keys = set().union(
+                *((r.get("metrics", {}).get(s) or {}).keys() for r in by_seed.values())
+            )
+            entry["metrics"][s] = {
+                k: _metrics.aggregate(_values(by_seed, "metrics", s, k)) for k in sorted(keys)
+            }
+            keys = set().union(
+                *((r.get("continual", {}).get(s) or {}).keys() for r in by_seed.values())
+            )
+            entry["continual"][s] = {
+                k: _metrics.aggregate(_values(by_seed, "continual", s, k)) for k in sorted(keys)
+            }
+            mats = [
+                np.asarray(r["R"][s], np.float64) for r in by_seed.values() if r.get("R", {}).get(s)
+            ]
+            if mats and all(m.shape == mats[0].shape for m in mats):
+                entry["R_mean"][s] = np.mean(mats, axis=0).tolist()
+        keys = set().union(*((r.get("plasticity_summary") or {}).keys() for r in by_seed.values()))
+        entry["plasticity"] = {
+            k: _metrics.aggregate(_values(by_seed, "plasticity_summary", k)) for k in sorted(keys)
+        }
+        keys = set().union(*((r.get("memory") or {}).keys() for r in by_seed.values()))
+        entry["memory"] = {
+            k: _metrics.aggregate(_values(by_seed, "memory", k)) for k in sorted(keys)
+        }
+        entry["wall_time_s"] = _metrics.aggregate(_values(by_seed, "wall_time_s"))
+        entry["xla_compilations"] = _metrics.aggregate(_values(by_seed, "compilations", "xla"))
+        summary[method] = entry
+    return summary
+
+
+def _cell(agg: Mapping[str, Any] | None, percent: bool) -> str:
+    if not agg or agg.get("n", 0) == 0 or agg.get("mean") is None or not math.isfinite(agg["mean"]):
+        return "-"
+    scale = 100.0 if percent else 1.0
+    mean, std = agg["mean"] * scale, (agg.get("std") or 0.0) * scale
+    digits = 1 if percent or abs(mean) >= 10 else 2
+    if agg["n"] > 1:
+        return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return f"{mean:.{digits}f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _count(agg: Mapping[str, Any] | None) -> str:
+    if not agg or agg.get("n", 0) == 0:
+        return "-"
+    return f"{agg['mean']:.0f}"
+
+
+def _kib(agg: Mapping[str, Any] | None) -> str:
+    if not agg or agg.get("n", 0) == 0:
+        return "-"
+    return f"{agg['mean'] / 1024:.0f}"
+
+
+def markdown_tables(
+    summary: Mapping[str, Any], scenarios: Sequence[str], *, title: str = ""
+) -> str:
+    """Markdown tables of a `summarize_runs` summary: one main table per scenario, then the
+    continual-evaluation and plasticity tables. Accuracies in percent, mean ± std over seeds.
+
+    Example:
+        >>> from cljax.experiments.results import markdown_tables, summarize_runs
+        >>> run = {"metrics": {"class": {"acc": 0.5}}, "R": {"class": [[0.5]]}}
+        >>> summary = summarize_runs({"naive": {"0": run}}, ["class"])
+        >>> print(markdown_tables(summary, ["class"]).splitlines()[2])
+        | method | ACC | BWT | FWT | F_max | F_first | min-ACC | WC-ACC | NFR | CE | ΔCE | memory (KiB) | exemplars | time (s) | compiles |
+    """
+    parts = [f"# {title}"] if title else []
+    for s in scenarios:
+        header = [
+            "method",
+            *(t for _, t, _ in _MAIN),
+            "memory (KiB)",
+            "exemplars",
+            "time (s)",
+            "compiles",
+        ]
+        rows = []
+        for method, e in summary.items():
+            m = e["metrics"].get(s, {})
+            ex = e["memory"].get("total_exemplars")
+            rows.append(
+                [
+                    method,
+                    *(_cell(m.get(k), p) for k, _, p in _MAIN),
+                    _kib(e["memory"].get("total")),
+                    f"{ex['mean']:.0f}" if ex and ex.get("n") else "-",
+                    _cell(e["wall_time_s"], False),
+                    _count(e["xla_compilations"]),
+                ]
+            )
+        parts += ["", f"## {s}-incremental", "", _table(header, rows)]
+    for s in scenarios:
+        header = ["method", *(t for _, t, _ in _CONTINUAL)]
+        rows = [
+            [m, *(_cell(e["continual"].get(s, {}).get(k), p) for k, _, p in _CONTINUAL)]
+            for m, e in summary.items()
+        ]
+        parts += [
+            "",
+            f"## Continual evaluation ({s}-incremental, periodic log)",
+            "",
+            _table(header, rows),
+        ]
+    header = ["method", *(t for _, t, _ in _PLASTICITY)]
+    rows = [
+        [m, *(_cell(e["plasticity"].get(k), p) for k, _, p in _PLASTICITY)]
+        for m, e in summary.items()
+    ]
+    parts += ["", "## Plasticity (at the last task end)", "", _table(header, rows)]
+    return "\n".join(parts).strip() + "\n"
+
+
+def _json_ready(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _json_ready(value.tolist())
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def write_json(path: str | os.PathLike, value: Any) -> None:
+    """Writes `value` as JSON (NaN and infinities as null), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_json_ready(value), indent=1))
+    os.replace(tmp, path)
+
+
+def load_results(directory: str | os.PathLike) -> dict[str, Any]:
+    """Reads ``results.json`` from an experiment directory.
+
+    Raises:
+        FileNotFoundError: when the directory holds no ``results.json``.
+    """
+    path = Path(directory) / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{directory}: no results.json; is this an experiment directory (--out of `run`)?"
+        )
+    return json.loads(path.read_text())
+
+
+def compare_table(experiments: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
+    """One Markdown table across experiments: a row per (experiment, method).
+
+    Args:
+        experiments: ``(name, experiment)`` pairs, the experiment as ``results.json`` holds it.
+
+    Each row shows the primary scenario's (class- when reported, else the first) ACC, BWT,
+    F_max, WC-ACC, memory and time.
+
+    Example:
+        >>> from cljax.experiments.results import compare_table
+        >>> exp = {"benchmark": "b", "scenarios": ["class"], "summary": {"naive": {
+        ...     "metrics": {"class": {"acc": {"mean": 0.5, "std": 0.0, "n": 1}}}, "memory": {},
+        ...     "wall_time_s": {"mean": 1.0, "std": 0.0, "n": 1}}}}
+        >>> print(compare_table([("out", exp)]).splitlines()[-1])
+        | out | b | class | naive | 50.0 | - | - | - | - | 1.00 |
+    """
+    header = [
+        "run",
+        "benchmark",
+        "scenario",
+        "method",
+        "ACC",
+        "BWT",
+        "F_max",
+        "WC-ACC",
+        "memory (KiB)",
+        "time (s)",
+    ]
+    rows = []
+    for name, exp in experiments:
+        scenarios = exp.get("scenarios") or []
+        s = "class" if "class" in scenarios else (scenarios[0] if scenarios else "")
+        for method, e in exp.get("summary", {}).items():
+            m = e.get("metrics", {}).get(s, {})
+            rows.append(
+                [
+                    name,
+                    str(exp.get("benchmark", "")),
+                    s,
+                    method,
+                    *(_cell(m.get(k), True) for k in ("acc", "bwt", "forgetting_max", "wc_acc")),
+                    _kib(e.get("memory", {}).get("total")),
+                    _cell(e.get("wall_time_s"), False),
+                ]
+            )
+    return _table(header, rows)
