@@ -16,6 +16,19 @@ import cljax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+# The suite compiles many small, often identical programs (the same step under several checks,
+# in several worker processes): share XLA executables through JAX's persistent compilation cache.
+# It is keyed on the program and the JAX / XLA versions, so a stale entry is never used. Set
+# CLJAX_TEST_COMPILATION_CACHE=0 to compile everything afresh.
+if os.environ.get("CLJAX_TEST_COMPILATION_CACHE", "1") != "0":
+    import tempfile  # noqa: E402
+
+    jax.config.update(
+        "jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "cljax-test-compilation-cache")
+    )
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
 
 @pytest.fixture(autouse=True)
 def _doctest_names(doctest_namespace):
