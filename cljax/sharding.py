@@ -5,6 +5,9 @@
 
 * a state leaf is tied to the parameter whose key path is the longest suffix of its own path
   (``mu/enc/w`` belongs to ``enc/w``), which is how optax and cljax states mirror parameters;
+  failing that, to the parameter whose path is the longest run inside its own path
+  (``inner/enc/w/mu`` belongs to ``enc/w``: a per-parameter sub-state, as the low-rank
+  transforms keep one inner state per matrix leaf);
 * each axis of a tied leaf takes the mesh axes of the parameter axis it corresponds to (the same
   position with the same size, else the only parameter axis of that size), and is replicated when
   there is none, when that would reuse a mesh axis, or when the size does not divide;
@@ -150,14 +153,24 @@ def state_shardings(tx: Any, params: Any, param_shardings: Any) -> Any:
     max_len = max(len(k) for k in by_path)  # a bare-array `params` has the empty path
     state = jax.eval_shape(tx.init, params)
 
-    def assign(path, leaf):
-        path = _path_key(path)
-        shape = tuple(getattr(leaf, "shape", ()))
+    def tie(path):
         for length in range(min(max_len, len(path)), -1, -1):
             tied = by_path.get(path[len(path) - length :])
             if tied is not None:
-                spec = tied_spec(shape, tied[0], tied[1], mesh_shape)
-                return NamedSharding(mesh, spec)
-        return NamedSharding(mesh, PartitionSpec())
+                return tied
+        # Per-parameter sub-states (``inner/enc/w/mu``): the parameter path inside the state path.
+        for length in range(min(max_len, len(path) - 1), 0, -1):
+            for start in range(len(path) - length - 1, -1, -1):
+                tied = by_path.get(path[start : start + length])
+                if tied is not None:
+                    return tied
+        return None
+
+    def assign(path, leaf):
+        shape = tuple(getattr(leaf, "shape", ()))
+        tied = tie(_path_key(path))
+        if tied is None:
+            return NamedSharding(mesh, PartitionSpec())
+        return NamedSharding(mesh, tied_spec(shape, tied[0], tied[1], mesh_shape))
 
     return jax.tree_util.tree_map_with_path(assign, state)

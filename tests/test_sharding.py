@@ -218,6 +218,57 @@ def test_low_rank_projectors_get_row_spec_and_replicated_rank(params, param_shar
     assert state.base_optimizer_state.mu["w"].spec == P(None, "model")  # projected (r, n) moment
 
 
+def test_low_rank_family_state_shardings(params, param_shardings):
+    """Per-matrix inner states (``inner/<param path>/mu``) are tied to their parameter too."""
+    tx = cljax.scale_by_low_rank_projection(rank=3, refresh_every=2)
+    shardings = cljax.state_shardings(tx, params, param_shardings)
+    _assert_divides(shardings, jax.eval_shape(tx.init, params))
+    state = cljax.find_state(shardings, cljax.ScaleByLowRankProjectionState)
+    # 'std' on tall (8, 6): right projector (6, r) with the column spec; moments (8, r), row spec.
+    assert state.projector["w"].spec == P("model") and state.inner["w"].mu.spec == P("data")
+    assert state.projector["k"].spec == P(None, "model")
+    assert state.inner["k"].mu.spec == P(None, "data") and state.inner["k"].nu.spec == P(
+        None, "data"
+    )
+    assert state.inner["e"].mu.spec == P(("data", "model")) and state.projector["e"].spec == P()
+    assert state.inner["w"].count.spec == P() and state.key.spec == P()
+    assert state.fallback.mu["b"].spec == SPECS["b"]  # 1-D leaves: the fallback's own moments
+    dion = cljax.find_state(
+        cljax.state_shardings(cljax.scale_by_dion(rank=3), params, param_shardings),
+        cljax.ScaleByDionState,
+    )
+    assert dion.momentum["w"].spec == SPECS["w"] and dion.q["w"].spec == P("model")
+    eight_bit = cljax.quantize_state(optax.scale_by_adam(), block_size=8, min_size=8)
+    quantized = cljax.state_shardings(eight_bit, params, param_shardings).inner
+    assert quantized.mu["w"].codes.spec == SPECS["w"] and quantized.mu["s"].spec == P()
+
+
+def test_jitted_sharded_low_rank_step_matches_unsharded(params, param_shardings):
+    tx = cljax.galore_adamw(1e-2, rank=3, refresh_every=2, weight_decay=0.1)
+    shardings = cljax.state_shardings(tx, params, param_shardings)
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    sharded = jax.jit(
+        step,
+        in_shardings=(param_shardings, shardings, param_shardings),
+        out_shardings=(param_shardings, shardings),
+    )
+    p_sharded = jax.device_put(params, param_shardings)
+    s_sharded = jax.jit(tx.init, out_shardings=shardings)(p_sharded)
+    p_plain, s_plain = params, tx.init(params)
+    for t in range(3):
+        keys = jax.random.split(jax.random.key(200 + t), len(SHAPES))
+        grads = {k: jax.random.normal(key, SHAPES[k]) for key, k in zip(keys, SHAPES, strict=True)}
+        p_sharded, s_sharded = sharded(p_sharded, s_sharded, jax.device_put(grads, param_shardings))
+        p_plain, s_plain = jax.jit(step)(p_plain, s_plain, grads)
+    assert_trees_close(p_sharded, p_plain, rtol=1e-5, atol=1e-5)
+    state = cljax.find_state(s_sharded, cljax.ScaleByLowRankProjectionState)
+    assert state.inner["w"].mu.sharding.spec == P("data")
+
+
 def test_non_dividing_axes_are_replicated(mesh):
     # Shapes only: (6, 8) cannot be split 4 ways along rows, (12,) not 8 ways.
     params = {
