@@ -4,4 +4,82 @@ Each module of this subpackage lists its public names in its own ``__all__``; th
 re-exports them explicitly.
 """
 
-__all__: list[str] = []
+from cljax.transforms.sparse.continual import ExclusiveMasksState as ExclusiveMasksState
+from cljax.transforms.sparse.continual import SpuState as SpuState
+from cljax.transforms.sparse.continual import exclusive_masks as exclusive_masks
+from cljax.transforms.sparse.continual import (
+    exclusive_masks_commit_task as exclusive_masks_commit_task,
+)
+from cljax.transforms.sparse.continual import exclusive_masks_lookup as exclusive_masks_lookup
+from cljax.transforms.sparse.continual import (
+    exclusive_masks_start_task as exclusive_masks_start_task,
+)
+from cljax.transforms.sparse.continual import spu as spu
+from cljax.transforms.sparse.continual import spu_accumulate as spu_accumulate
+from cljax.transforms.sparse.continual import spu_set_task as spu_set_task
+from cljax.transforms.sparse.continual import supermask as supermask
+from cljax.transforms.sparse.dynamic import MagnitudePruningState as MagnitudePruningState
+from cljax.transforms.sparse.dynamic import SetRiglState as SetRiglState
+from cljax.transforms.sparse.dynamic import magnitude_pruning as magnitude_pruning
+from cljax.transforms.sparse.dynamic import set_rigl as set_rigl
+from cljax.transforms.sparse.mask_updates import MaskUpdatesState as MaskUpdatesState
+from cljax.transforms.sparse.mask_updates import mask_updates as mask_updates
+from cljax.transforms.sparse.mask_updates import mask_updates_densify as mask_updates_densify
+from cljax.transforms.sparse.mask_updates import mask_updates_get as mask_updates_get
+from cljax.transforms.sparse.mask_updates import mask_updates_set as mask_updates_set
+from cljax.transforms.sparse.masks import erk_densities as erk_densities
+from cljax.transforms.sparse.masks import gradual_pruning_schedule as gradual_pruning_schedule
+from cljax.transforms.sparse.masks import magnitude_mask as magnitude_mask
+from cljax.transforms.sparse.masks import nm_mask as nm_mask
+from cljax.transforms.sparse.masks import random_mask as random_mask
+from cljax.transforms.sparse.masks import topk_mask as topk_mask
+from cljax.transforms.sparse.masks import uniform_densities as uniform_densities
+from cljax.transforms.sparse.sampling import HftState as HftState
+from cljax.transforms.sparse.sampling import LisaState as LisaState
+from cljax.transforms.sparse.sampling import hft as hft
+from cljax.transforms.sparse.sampling import hft_half_reset as hft_half_reset
+from cljax.transforms.sparse.sampling import lisa as lisa
+from cljax.transforms.sparse.weights import MaskedDecayState as MaskedDecayState
+from cljax.transforms.sparse.weights import masked_decay as masked_decay
+from cljax.transforms.sparse.weights import masked_merge as masked_merge
+from cljax.transforms.sparse.weights import sparse_soup as sparse_soup
+from cljax.transforms.sparse.weights import straight_through_mask as straight_through_mask
+
+__all__ = [
+    "ExclusiveMasksState",
+    "HftState",
+    "LisaState",
+    "MagnitudePruningState",
+    "MaskUpdatesState",
+    "MaskedDecayState",
+    "SetRiglState",
+    "SpuState",
+    "erk_densities",
+    "exclusive_masks",
+    "exclusive_masks_commit_task",
+    "exclusive_masks_lookup",
+    "exclusive_masks_start_task",
+    "gradual_pruning_schedule",
+    "hft",
+    "hft_half_reset",
+    "lisa",
+    "magnitude_mask",
+    "magnitude_pruning",
+    "mask_updates",
+    "mask_updates_densify",
+    "mask_updates_get",
+    "mask_updates_set",
+    "masked_decay",
+    "masked_merge",
+    "nm_mask",
+    "random_mask",
+    "set_rigl",
+    "sparse_soup",
+    "spu",
+    "spu_accumulate",
+    "spu_set_task",
+    "straight_through_mask",
+    "supermask",
+    "topk_mask",
+    "uniform_densities",
+]
