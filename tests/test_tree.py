@@ -631,9 +631,15 @@ def test_replace_state_keeps_none_and_empty_nodes():
     assert cljax.find_state(out, _WithNone) == out[0]
 
 
-def test_find_and_replace_state_in_cljax_optimizers():
+def test_find_and_replace_state_in_a_cljax_chain():
     params = {"w": jax.random.normal(jax.random.key(1), (4, 3)), "b": jnp.ones(3)}
-    tx = cljax.cwd_adamw(1e-3)
+
+    def cwd_chain(weight_decay):  # the transforms cwd_adamw is made of, as a user would chain them
+        return optax.chain(
+            optax.scale_by_adam(), cljax.add_cautious_weight_decay(weight_decay), optax.scale_by_learning_rate(1e-3)
+        )
+
+    tx = cwd_chain(1e-4)
     state = tx.init(params)
     adam = cljax.find_state(state, optax.ScaleByAdamState)
     assert_trees_equal(adam.mu, jax.tree.map(jnp.zeros_like, params))
@@ -643,7 +649,7 @@ def test_find_and_replace_state_in_cljax_optimizers():
     ):
         cljax.find_state(state, cljax.AddCautiousWeightDecayState)  # constant decay: stateless
 
-    scheduled = cljax.cwd_adamw(1e-3, weight_decay=optax.linear_schedule(0.1, 0.0, 10)).init(params)
+    scheduled = cwd_chain(optax.linear_schedule(0.1, 0.0, 10)).init(params)
     cwd = cljax.find_state(scheduled, cljax.AddCautiousWeightDecayState)
     bumped = cljax.replace_state(scheduled, cwd._replace(count=jnp.array(4, jnp.int32)))
     assert int(cljax.find_state(bumped, cljax.AddCautiousWeightDecayState).count) == 4
@@ -654,7 +660,7 @@ def test_find_and_replace_state_in_cljax_optimizers():
     nu = jax.tree.map(lambda p: jnp.full_like(p, 0.25), params)
     state2 = cljax.replace_state(state, adam._replace(mu=mu, nu=nu, count=jnp.array(10, jnp.int32)))
     grads = jax.tree.map(jnp.zeros_like, params)
-    tx0 = cljax.cwd_adamw(1e-3, weight_decay=0.0)
+    tx0 = cwd_chain(0.0)
     updates, new_state = jax.jit(tx0.update)(grads, state2, params)
     b1, b2, t = 0.9, 0.999, 11
     m_hat = 0.9 * 0.5 / (1 - b1**t)
