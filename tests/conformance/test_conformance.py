@@ -28,20 +28,26 @@ from tests.helpers import assert_trees_close, assert_trees_equal
 
 IDS = list(CASES)
 CASE_LIST = [CASES[k] for k in IDS]
-# Every check runs on every case. The first case registered for a factory is its primary case;
-# later cases of the same factory are variants. Variants run the composition, distribution and
-# checkpoint checks (the costly ones, several compilations each) only in the slow suite
-# (``pytest -m slow``); primary cases run them by default.
+# Every check runs on every case. The first case registered for a transform factory is its primary
+# case; later cases of the same factory are variants, and the ready-made optimizers
+# (`cljax.optimizers`, chains of transforms that have their own primary cases) are compositions.
+# Variants and compositions run the composition, distribution and checkpoint checks (the costly
+# ones, several compilations each) only in the slow suite (``pytest -m slow``); primary transform
+# cases run them by default.
 parametrize_cases = pytest.mark.parametrize("case", CASE_LIST, ids=IDS)
 _PRIMARY = {}
 for _name, _case in CASES.items():
     _PRIMARY.setdefault(_case.factory, _name)
+
+
+def _costly_checks_by_default(name: str) -> bool:
+    case = CASES[name]
+    return _PRIMARY[case.factory] == name and not case.factory.__module__.startswith("cljax.optimizers")
+
+
 parametrize_cases_variants_slow = pytest.mark.parametrize(
     "case",
-    [
-        pytest.param(CASES[k], id=k, marks=[] if _PRIMARY[CASES[k].factory] == k else [pytest.mark.slow])
-        for k in IDS
-    ],
+    [pytest.param(CASES[k], id=k, marks=[] if _costly_checks_by_default(k) else [pytest.mark.slow]) for k in IDS],
 )
 
 SHAPES = {"scalar": (), "vec": (8,), "mat": (8, 4), "stack": (2, 8, 4)}
