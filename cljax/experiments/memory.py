@@ -69,9 +69,13 @@ def split_state_bytes(opt_state: Any, cl_state_types: Sequence[type] = ()) -> tu
     if not types:
         return total, 0
 
-    def cl_bytes(node) -> int:  # an outer match counts whole; nothing inside it is counted twice
+    def cl_bytes(node) -> int:  # a match counts whole, except a wrapped optimizer's state inside it
         if isinstance(node, types):
-            return tree_bytes(node)
+            # cljax's continual-learning states keep the optimizer they wrap in `inner` /
+            # `inner_state`: that is optimizer state. Other matches (optax wrappers) count whole.
+            own = type(node).__module__.startswith("cljax.")
+            wrapped = [getattr(node, f) for f in ("inner", "inner_state") if own and f in node._fields]
+            return tree_bytes(node) - sum(tree_bytes(w) - cl_bytes(w) for w in wrapped)
         children, treedef = jax.tree_util.tree_flatten(node, is_leaf=lambda x: x is not node)
         if jax.tree_util.treedef_is_leaf(treedef):
             return 0

@@ -9,9 +9,10 @@ memory. Adding a method is one entry in `METHODS`; `docs/experiments.md` documen
 The hooks get everything the published methods need:
 
 * `StepContext` (inside the jitted step, traced): the batch, the parameters, the task id, a PRNG
-  key, the replay buffer and the loss function, with `StepContext.memory_grads` (A-GEM's
-  ``memory_grads=...``) and `StepContext.task_grads` (GEM's ``task_grads=...``). What
-  `Method.step_extras` returns is passed to ``tx.update`` as keyword extra arguments.
+  key, the replay buffer, the loss function and the model's functions (hidden activations for
+  continual backprop), with `StepContext.memory_grads` (A-GEM's ``memory_grads=...``) and
+  `StepContext.task_grads` (GEM's ``task_grads=...``). What `Method.step_extras` returns is
+  passed to ``tx.update`` as keyword extra arguments.
 * `TaskContext` (at task boundaries, on the host): the task's data, the initial parameters
   (anchors), the optimizer, and compiled helpers for per-layer input activations (GPM),
   per-example gradients and the empirical Fisher diagonal (EWC, MAS), fixed-size batches.
@@ -20,6 +21,7 @@ The hooks get everything the published methods need:
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal, NamedTuple
@@ -89,6 +91,7 @@ class StepContext(NamedTuple):
     loss_fn: Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]  # (params, x, y, w)
     hp: Mapping[str, Any]
     num_tasks: int
+    fns: ModelFunctions | None = None  # the model's functions (``fns.hidden_activations``)
 
     def _need_buffer(self, what: str) -> _replay.ReplayBuffer:
         if self.buffer is None:
@@ -98,15 +101,24 @@ class StepContext(NamedTuple):
             )
         return self.buffer
 
-    def memory_grads(self, size: int | None = None) -> Any:
+    def memory_grads(self, size: int | None = None, *, past_only: bool = False) -> Any:
         """Gradient of the loss on a uniform batch of `size` stored examples (A-GEM's reference).
 
-        Zeros while the buffer is empty. `size` defaults to the batch size.
+        Zeros while the buffer is empty. `size` defaults to the batch size. With `past_only`
+        the batch is drawn from the examples of earlier tasks only (``task < task_id``, the
+        episodic memory of A-GEM), zeros while there are none.
         """
         buffer = self._need_buffer("memory_grads")
         size = size or self.x.shape[0]
-        mx, my, w = _replay.buffer_sample(buffer, self.key, size)
-        return jax.grad(self.loss_fn)(self.params, mx, my, w)
+        if not past_only:
+            mx, my, w = _replay.buffer_sample(buffer, self.key, size)
+            return jax.grad(self.loss_fn)(self.params, mx, my, w)
+        past = (buffer.task >= 0) & (buffer.task < self.task_id)
+        logits = jnp.where(past, 0.0, -jnp.inf)
+        idx = jax.random.categorical(self.key, logits, shape=(size,))
+        idx = jnp.where(jnp.any(past), idx, 0)
+        w = past[idx].astype(jnp.float32)
+        return jax.grad(self.loss_fn)(self.params, buffer.x[idx], buffer.y[idx], w)
 
     def task_grads(self) -> tuple[Any, jax.Array]:
         """Per-task loss gradients on the whole buffer (GEM's constraints).
@@ -211,7 +223,8 @@ class Method:
     Attributes:
         summary: One line for ``cljax-experiments list`` and the docs.
         optimizer: ``hp -> optax.GradientTransformation``; `hp` holds ``learning_rate``,
-            ``seed`` and the method's `defaults` (with user overrides).
+            ``seed``, the method's `defaults` (with user overrides) and, in a run,
+            ``num_tasks`` (the stream's, to size memory that grows with tasks).
         defaults: The method's hyper-parameters and their defaults.
         data: ``'task'`` (the current task's data) or ``'cumulative'`` (the union of the tasks
             so far: joint training).
@@ -305,6 +318,373 @@ def _soup_end(state: TrainState, ctx: TaskContext) -> TrainState:
 def _soup_eval(state: TrainState, hp: Mapping[str, Any]):
     soup = cljax.uniform_soup_result(state.extra, like=state.params)
     return jax.tree.map(lambda s, p: jnp.where(state.extra.count > 0, s, p), soup, state.params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Regularisers, plasticity methods and projections (cljax.transforms.regularizers / orthogonal).
+#
+# Boundary work runs through module-level jitted functions whose static arguments are the model's
+# functions (one object per compiled architecture), so a hook compiles on the first task only.
+
+_F32 = jnp.float32
+_FISHER_ESTIMATORS = ("true", "empirical", "max_label")
+
+
+def _num_tasks(hp: Mapping[str, Any], method: str) -> int:
+    if "num_tasks" not in hp:
+        raise ValueError(
+            f"method {method!r}: its optimizer is sized by the stream's number of tasks, so `hp` "
+            "needs 'num_tasks' (the runner sets it)."
+        )
+    return int(hp["num_tasks"])
+
+
+def _is_last(ctx: TaskContext) -> bool:
+    """No task trains after the last one: boundary work that only protects it is skipped."""
+    return ctx.task_id == ctx.num_tasks - 1
+
+
+def _hook_key(ctx: TaskContext, purpose: int) -> jax.Array:
+    """A PRNG key fixed by (run seed, task, purpose): the same on a resumed run."""
+    key = jax.random.fold_in(jax.random.key(ctx.seed), ctx.task_id)
+    return jax.random.fold_in(key, purpose)
+
+
+def _chunk(n: int) -> int:
+    """Examples per vmapped chunk of an importance estimate (a divisor of `n`, at most 64)."""
+    return math.gcd(n, 64)
+
+
+def _check_choice(method: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(
+            f"method {method!r}: hyper-parameter {name!r} must be one of "
+            f"{', '.join(map(repr, choices))}, got {value!r}."
+        )
+
+
+def _check_examples(method: str, name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(
+            f"method {method!r}: hyper-parameter {name!r} must be an int >= 1, got {value!r}."
+        )
+    return int(value)
+
+
+def _fisher(params, x, y, key, *, example_logits, example_loss, estimator: str, chunk_size: int):
+    """Diagonal Fisher of the end-of-task model on ``(x, y)`` (`cljax.fisher_diagonal`)."""
+    if estimator == "empirical":
+        return cljax.fisher_diagonal(example_loss, params, (x, y), chunk_size=chunk_size)
+    if y.ndim == 1:  # one label per example: the logits are (num_classes,)
+        return cljax.fisher_diagonal(
+            example_logits, params, x, estimator=estimator, key=key, chunk_size=chunk_size
+        )
+    # Sequences: the Fisher of the per-sequence log-likelihood (mean over positions, as the
+    # training loss), with one label per position drawn from the model ('true') or its argmax.
+    keys = jax.random.split(key, x.shape[0])
+
+    def nll(p, example):
+        xi, ki = example
+        logits = example_logits(p, xi).astype(_F32)  # (positions, classes)
+        fixed = jax.lax.stop_gradient(logits)
+        if estimator == "max_label":
+            label = jnp.argmax(fixed, axis=-1)
+        else:
+            label = jax.random.categorical(ki, fixed, axis=-1)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, label[..., None], axis=-1))
+
+    return cljax.fisher_diagonal(nll, params, (x, keys), chunk_size=chunk_size)
+
+
+_fisher_jit = jax.jit(
+    _fisher, static_argnames=("example_logits", "example_loss", "estimator", "chunk_size")
+)
+
+
+def _ewc_optimizer(online: bool):
+    name = "online_ewc" if online else "ewc"
+
+    def build(hp: Mapping[str, Any]) -> optax.GradientTransformation:
+        _check_choice(name, "fisher", hp["fisher"], _FISHER_ESTIMATORS)
+        _check_examples(name, "fisher_examples", hp["fisher_examples"])
+        if online:
+            penalty = cljax.ewc(hp["strength"], online=True, decay=hp["decay"])
+        else:
+            capacity = max(_num_tasks(hp, name) - 1, 1)  # one pair per task that has a successor
+            penalty = cljax.ewc(hp["strength"], capacity=capacity)
+        return optax.chain(penalty, optax.adam(hp["learning_rate"]))
+
+    return build
+
+
+def _ewc_end(state: TrainState, ctx: TaskContext) -> TrainState:
+    if _is_last(ctx):
+        return state
+    n = int(ctx.hp["fisher_examples"])
+    x, y = ctx.sample_batch(n, seed=4)
+    fisher = _fisher_jit(
+        state.params,
+        x,
+        y,
+        _hook_key(ctx, 0),
+        example_logits=ctx.fns.example_logits,
+        example_loss=ctx.fns.example_loss,
+        estimator=ctx.hp["fisher"],
+        chunk_size=_chunk(n),
+    )
+    return state._replace(opt_state=cljax.ewc_consolidate(state.opt_state, state.params, fisher))
+
+
+def _mas_importance(params, x, *, example_logits, chunk_size: int):
+    return cljax.mas_importance(example_logits, params, x, chunk_size=chunk_size)
+
+
+_mas_importance_jit = jax.jit(_mas_importance, static_argnames=("example_logits", "chunk_size"))
+
+
+def _mas_optimizer(hp: Mapping[str, Any]) -> optax.GradientTransformation:
+    _check_examples("mas", "importance_examples", hp["importance_examples"])
+    return optax.chain(cljax.mas(hp["strength"]), optax.adam(hp["learning_rate"]))
+
+
+def _mas_end(state: TrainState, ctx: TaskContext) -> TrainState:
+    if _is_last(ctx):
+        return state
+    n = int(ctx.hp["importance_examples"])
+    x, _ = ctx.sample_batch(n, seed=4)
+    omega = _mas_importance_jit(
+        state.params, x, example_logits=ctx.fns.example_logits, chunk_size=_chunk(n)
+    )
+    return state._replace(opt_state=cljax.mas_consolidate(state.opt_state, state.params, omega))
+
+
+def _si_end(state: TrainState, ctx: TaskContext) -> TrainState:
+    if _is_last(ctx):
+        return state
+    return state._replace(opt_state=cljax.si_consolidate(state.opt_state, state.params))
+
+
+def _l2_optimizer(hp: Mapping[str, Any]) -> optax.GradientTransformation:
+    # The strength is injected and starts at 0: there is no previous task to anchor to during
+    # the first one. `_l2_end` sets it at the first boundary.
+    return optax.chain(
+        optax.inject_hyperparams(cljax.l2_anchor)(strength=0.0), optax.adam(hp["learning_rate"])
+    )
+
+
+def _l2_end(state: TrainState, ctx: TaskContext) -> TrainState:
+    if _is_last(ctx):
+        return state
+    opt_state = cljax.l2_anchor_consolidate(state.opt_state, state.params)
+    inject = cljax.find_state(opt_state, optax.InjectStatefulHyperparamsState)
+    old = inject.hyperparams["strength"]
+    strength = jnp.full_like(old, ctx.hp["strength"])
+    inject = inject._replace(hyperparams={**inject.hyperparams, "strength": strength})
+    return state._replace(opt_state=cljax.replace_state(opt_state, inject))
+
+
+def _kernel_spec(path: str, shape: tuple[int, ...]) -> cljax.MatrixSpec | None:
+    """Every weight kernel as a (inputs, outputs) matrix: its last axis is the output.
+
+    Dense kernels ``(d_in, d_out)`` are themselves; convolution kernels ``(*window, C_in,
+    C_out)`` flatten their window and input channels into the rows, in the order of
+    ``TaskContext.layer_inputs``' patches. Biases, norms and embeddings are not matrices here.
+    """
+    if not path.endswith("kernel") or len(shape) < 2:
+        return None
+    return cljax.MatrixSpec(rows=tuple(range(len(shape) - 1)), cols=len(shape) - 1)
+
+
+def _head_bias_labels(params: Any) -> Any:
+    """``'head'`` for the output layer's non-kernel leaves (its bias), ``'body'`` elsewhere."""
+
+    def label(path, _):
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
+        return "head" if name.startswith("head/") and not name.endswith("kernel") else "body"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def _gpm_optimizer(hp: Mapping[str, Any]) -> optax.GradientTransformation:
+    _check_examples("gpm", "activation_examples", hp["activation_examples"])
+    projection = cljax.gpm(None, spec=_kernel_spec, freeze_non_matrix=bool(hp["freeze_non_matrix"]))
+    # The reference freezes the shared backbone's 1-D parameters after the first task, never a
+    # classifier's: the output bias stays trainable (the head is shared by every task here).
+    projection = optax.partition({"body": projection, "head": optax.identity()}, _head_bias_labels)
+    return optax.chain(optax.adam(hp["learning_rate"]), projection)
+
+
+def _gpm_end(state: TrainState, ctx: TaskContext) -> TrainState:
+    if _is_last(ctx):
+        return state
+    acts = ctx.layer_inputs(state.params, int(ctx.hp["activation_examples"]))
+    threshold = min(1.0, float(ctx.hp["threshold"] + ctx.hp["threshold_step"] * ctx.task_id))
+    return state._replace(opt_state=cljax.gpm_add_task(state.opt_state, acts, threshold))
+
+
+def _ogd_gradients(params, x, y, *, example_logits):
+    return cljax.ogd_output_gradients(example_logits, params, x, y, variant="gtl")
+
+
+_ogd_gradients_jit = jax.jit(_ogd_gradients, static_argnames=("example_logits",))
+
+
+def _ogd_optimizer(hp: Mapping[str, Any]) -> optax.GradientTransformation:
+    n = _check_examples("ogd", "examples_per_task", hp["examples_per_task"])
+    k = hp["num_components"]
+    if k is not None:
+        k = _check_examples("ogd", "num_components", k)
+    per_task = n if k is None else min(k, n)
+    capacity = per_task * max(_num_tasks(hp, "ogd") - 1, 1)
+    return optax.chain(optax.adam(hp["learning_rate"]), cljax.ogd(capacity))
+
+
+def _ogd_start(state: TrainState, ctx: TaskContext) -> TrainState:
+    if ctx.task_id == 0 and np.ndim(ctx.task.y_train) != 1:
+        raise ValueError(
+            "method 'ogd' stores gradients of each example's ground-truth logit, so it needs one "
+            f"label per example; this stream's labels have shape {np.shape(ctx.task.y_train)[1:]} "
+            "per example (a sequence stream)."
+        )
+    return state
+
+
+def _ogd_end(state: TrainState, ctx: TaskContext) -> TrainState:
+    if _is_last(ctx):
+        return state
+    x, y = ctx.sample_batch(int(ctx.hp["examples_per_task"]), seed=5)
+    grads = _ogd_gradients_jit(state.params, x, y, example_logits=ctx.fns.example_logits)
+    opt_state = cljax.ogd_add_task(state.opt_state, grads, num_components=ctx.hp["num_components"])
+    return state._replace(opt_state=opt_state)
+
+
+_WHERES = ("gradient", "update")
+
+
+def _agem_optimizer(hp: Mapping[str, Any]) -> optax.GradientTransformation:
+    _check_choice("agem", "where", hp["where"], _WHERES)
+    size = hp["memory_batch_size"]
+    if size is not None:
+        _check_examples("agem", "memory_batch_size", size)
+    return cljax.agem(inner=optax.adam(hp["learning_rate"]), where=hp["where"])
+
+
+def _gem_optimizer(hp: Mapping[str, Any]) -> optax.GradientTransformation:
+    _check_choice("gem", "where", hp["where"], _WHERES)
+    # With where='update' the QP acts on Adam's update, so the margin (a lower bound on the dual
+    # variables, in the units of the projected vector) is scaled by the learning rate.
+    margin = hp["margin"] if hp["where"] == "gradient" else hp["margin"] * hp["learning_rate"]
+    return cljax.gem(
+        margin=margin,
+        ridge=hp["ridge"],
+        inner=optax.adam(hp["learning_rate"]),
+        where=hp["where"],
+    )
+
+
+def _osft_start(state: TrainState, ctx: TaskContext) -> TrainState:
+    step = ctx.hp["rank_step"]
+    step = 1.0 / ctx.num_tasks if step is None else float(step)
+    rank = min(1.0, ctx.task_id * step)
+    opt_state = cljax.osft_decompose(state.opt_state, state.params, rank, spec=_kernel_spec)
+    return state._replace(opt_state=opt_state)
+
+
+def _osft_optimizer(hp: Mapping[str, Any]) -> optax.GradientTransformation:
+    step = hp["rank_step"]
+    if step is not None and not 0.0 <= float(step) <= 1.0:
+        raise ValueError(
+            f"method 'osft': hyper-parameter 'rank_step' must be in [0, 1] or None, got {step!r}."
+        )
+    return optax.chain(optax.adam(hp["learning_rate"]), cljax.osft(None, spec=_kernel_spec))
+
+
+def _shrink_perturb(params, key, shrink, noise_scale):
+    return cljax.shrink_perturb(params, key, shrink=shrink, noise_scale=noise_scale)
+
+
+_shrink_perturb_jit = jax.jit(_shrink_perturb)
+
+
+def _shrink_perturb_optimizer(hp: Mapping[str, Any]) -> optax.GradientTransformation:
+    if not 0.0 <= float(hp["shrink"]) <= 1.0:
+        raise ValueError(
+            f"method 'shrink_perturb': hyper-parameter 'shrink' must be in [0, 1], got {hp['shrink']!r}."
+        )
+    if not float(hp["noise_scale"]) >= 0.0:
+        raise ValueError(
+            f"method 'shrink_perturb': hyper-parameter 'noise_scale' must be >= 0, got {hp['noise_scale']!r}."
+        )
+    return optax.adam(hp["learning_rate"])
+
+
+def _shrink_perturb_start(state: TrainState, ctx: TaskContext) -> TrainState:
+    # Before the first task the call is the identity (shrink 1, no noise: exactly θ), made so
+    # that the boundary function compiles on the first task like every other hook.
+    first = ctx.task_id == 0
+    params = _shrink_perturb_jit(
+        state.params,
+        _hook_key(ctx, 1),
+        jnp.asarray(1.0 if first else ctx.hp["shrink"], _F32),
+        jnp.asarray(0.0 if first else ctx.hp["noise_scale"], _F32),
+    )
+    return state._replace(params=params)
+
+
+def _cbp_layers(params: Any) -> list:
+    """The `CbpLayer`s of the experiments' MLP: every hidden Dense layer and the next one."""
+    if not (isinstance(params, Mapping) and set(params) == {"layers", "head"}):
+        names = sorted(params) if isinstance(params, Mapping) else type(params).__name__
+        raise ValueError(
+            "method 'cbp': continual backprop is registered for the MLP (hidden Dense layers "
+            f"'layers/<i>' and a 'head'); this model's parameters are {names}. Run it with "
+            "--model mlp."
+        )
+    n = len(params["layers"])
+    keys = sorted(params["layers"], key=int)
+    names = [f"layers/{k}" for k in keys] + ["head"]
+    return [
+        cljax.CbpLayer(
+            kernel=f"{names[i]}/kernel",
+            bias=f"{names[i]}/bias",
+            next_kernel=f"{names[i + 1]}/kernel",
+            next_bias=f"{names[i + 1]}/bias",
+        )
+        for i in range(n)
+    ]
+
+
+def _cbp_optimizer(hp: Mapping[str, Any]) -> optax.GradientTransformationExtraArgs:
+    """`cljax.continual_backprop` around Adam, its layers read from the parameter tree."""
+
+    def make(params):
+        return cljax.continual_backprop(
+            optax.adam(hp["learning_rate"]),
+            _cbp_layers(params),
+            replacement_rate=hp["replacement_rate"],
+            maturity=int(hp["maturity"]),
+            decay=hp["decay"],
+            seed=int(hp["seed"]),
+        )
+
+    def init_fn(params):
+        return make(params).init(params)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        if params is None:
+            raise ValueError("method 'cbp': `update` needs `params`.")
+        return make(params).update(updates, state, params, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _cbp_extras(ctx: StepContext) -> dict[str, Any]:
+    if ctx.fns is None:
+        raise ValueError("method 'cbp': the step context has no model functions (`fns`).")
+    hidden = ctx.fns.hidden_activations(ctx.params, ctx.x)
+    ordered = sorted(hidden, key=lambda k: int(k.rsplit("/", 1)[-1]))
+    return {"activations": [hidden[k] for k in ordered]}
 
 
 def _build_methods() -> dict[str, Method]:
@@ -415,6 +795,141 @@ def _build_methods() -> dict[str, Method]:
             'Tang et al., "Merging Models on the Fly Without Retraining: A Sequential Approach to '
             'Scalable Continual Model Merging", NeurIPS 2025'
         ),
+    )
+    # Anchored regularisers (cljax.transforms.regularizers). Each penalty sits first in the chain
+    # (the coupled form: the same as adding it to the loss) in front of Adam; the boundary work
+    # after the last task is skipped (nothing trains after it).
+    fisher_defaults = {"fisher": "true", "fisher_examples": 256}
+    m["ewc"] = Method(
+        "EWC, separate mode: one (anchor, true-Fisher) pair per task, penalties summed (cljax.ewc).",
+        _ewc_optimizer(online=False),
+        defaults={"strength": 100.0, **fisher_defaults},
+        on_task_end=_ewc_end,
+        cl_state_types=(cljax.EwcState,),
+        references=(
+            'Kirkpatrick et al., "Overcoming catastrophic forgetting in neural networks", PNAS 2017'
+        ),
+    )
+    m["online_ewc"] = Method(
+        "Online EWC: one anchor at the last task end, Fisher accumulated F <- decay*F + F_new.",
+        _ewc_optimizer(online=True),
+        defaults={"strength": 100.0, "decay": 1.0, **fisher_defaults},
+        on_task_end=_ewc_end,
+        cl_state_types=(cljax.EwcState,),
+        references=(
+            'Schwarz et al., "Progress & Compress: A scalable framework for continual learning", '
+            "ICML 2018"
+        ),
+    )
+    m["si"] = Method(
+        "Synaptic Intelligence around Adam: path-integral importance, quadratic penalty (cljax.si).",
+        lambda hp: cljax.si(
+            optax.adam(hp["learning_rate"]), strength=hp["strength"], damping=hp["damping"]
+        ),
+        defaults={"strength": 10.0, "damping": 0.1},
+        on_task_end=_si_end,
+        cl_state_types=(cljax.SiState,),
+        references=(
+            'Zenke, Poole and Ganguli, "Continual Learning Through Synaptic Intelligence", ICML 2017'
+        ),
+    )
+    m["mas"] = Method(
+        "MAS: label-free output-sensitivity importance, accumulated over tasks (cljax.mas).",
+        _mas_optimizer,
+        defaults={"strength": 0.1, "importance_examples": 256},
+        on_task_end=_mas_end,
+        cl_state_types=(cljax.MasState,),
+        references=(
+            'Aljundi et al., "Memory Aware Synapses: Learning what (not) to forget", ECCV 2018'
+        ),
+    )
+    m["l2"] = Method(
+        "L2 toward the parameters at the end of the previous task (cljax.l2_anchor).",
+        _l2_optimizer,
+        defaults={"strength": 0.1},
+        on_task_end=_l2_end,
+        cl_state_types=(cljax.L2AnchorState,),
+        references=(
+            'Smith et al., "A Closer Look at Rehearsal-Free Continual Learning", 2023; Li, '
+            'Grandvalet and Davoine, "Explicit Inductive Bias for Transfer Learning with '
+            'Convolutional Networks", ICML 2018'
+        ),
+    )
+    # Orthogonal projections (cljax.transforms.orthogonal). The projection acts on Adam's final
+    # update (placed after it, or Adam as `inner` with where='update'), the form that keeps the
+    # constraint for an adaptive optimizer; the papers use plain SGD.
+    m["gpm"] = Method(
+        "GPM: Adam's update projected off each kernel's stored input subspace (cljax.gpm).",
+        _gpm_optimizer,
+        defaults={
+            "threshold": 0.97,
+            "threshold_step": 0.003,
+            "activation_examples": 256,
+            "freeze_non_matrix": True,
+        },
+        on_task_end=_gpm_end,
+        cl_state_types=(cljax.GpmState,),
+        references=(
+            'Saha, Garg and Roy, "Gradient Projection Memory for Continual Learning", ICLR 2021'
+        ),
+    )
+    m["ogd"] = Method(
+        "OGD: Adam's update projected off stored ground-truth-logit gradients (cljax.ogd).",
+        _ogd_optimizer,
+        defaults={"examples_per_task": 64, "num_components": None},
+        on_task_start=_ogd_start,
+        on_task_end=_ogd_end,
+        cl_state_types=(cljax.OgdState,),
+        references=(
+            'Farajtabar, Azizan, Mott and Li, "Orthogonal Gradient Descent for Continual '
+            'Learning", AISTATS 2020'
+        ),
+    )
+    m["agem"] = Method(
+        "A-GEM: the gradient projected when it raises the loss on a past-task memory batch, then Adam.",
+        _agem_optimizer,
+        defaults={"buffer_size": 200, "memory_batch_size": None, "where": "gradient"},
+        buffer="reservoir",
+        step_extras=lambda ctx: {
+            "memory_grads": ctx.memory_grads(ctx.hp["memory_batch_size"], past_only=True)
+        },
+        references='Chaudhry et al., "Efficient Lifelong Learning with A-GEM", ICLR 2019',
+    )
+    m["gem"] = Method(
+        "GEM: the gradient projected (QP) so no past task's memory loss rises, then Adam (cljax.gem).",
+        _gem_optimizer,
+        defaults={"buffer_size": 200, "margin": 0.5, "ridge": 1e-3, "where": "gradient"},
+        buffer="per_task",
+        step_extras=lambda ctx: {"task_grads": ctx.task_grads()[0], "num_tasks": ctx.task_id},
+        references=(
+            'Lopez-Paz and Ranzato, "Gradient Episodic Memory for Continual Learning", NeurIPS 2017'
+        ),
+    )
+    m["osft"] = Method(
+        "OSFT: each kernel's top singular subspace frozen before every task (cljax.osft).",
+        _osft_optimizer,
+        defaults={"rank_step": None},
+        on_task_start=_osft_start,
+        cl_state_types=(cljax.OsftState,),
+        references=(
+            'Nayak et al., "Sculpting Subspaces: Constrained Full Fine-Tuning in LLMs for '
+            'Continual Learning", 2025'
+        ),
+    )
+    # Plasticity methods.
+    m["shrink_perturb"] = Method(
+        "Adam; before every task after the first, theta <- shrink*theta + noise (cljax.shrink_perturb).",
+        _shrink_perturb_optimizer,
+        defaults={"shrink": 0.5, "noise_scale": 0.01},
+        on_task_start=_shrink_perturb_start,
+        references='Ash and Adams, "On Warm-Starting Neural Network Training", NeurIPS 2020',
+    )
+    m["cbp"] = Method(
+        "Continual backprop around Adam: re-initialises mature low-utility hidden units (MLP).",
+        _cbp_optimizer,
+        defaults={"replacement_rate": 1e-4, "maturity": 100, "decay": 0.99},
+        step_extras=_cbp_extras,
+        references='Dohare et al., "Loss of plasticity in deep continual learning", Nature 2024',
     )
     return m
 

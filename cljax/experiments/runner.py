@@ -290,7 +290,9 @@ class _Counters:
             self.xla += 1
 
 
-def _make_train_chunk(loss_fn, tx, spec: Method, hp, num_tasks, replay_size, counters, repl):
+def _make_train_chunk(
+    loss_fn, tx, spec: Method, hp, num_tasks, replay_size, counters, repl, fns=None
+):
     def step(carry: TrainState, inputs):
         x, y, ok, task_id = inputs
         key = jax.random.wrap_key_data(carry.key)
@@ -306,7 +308,7 @@ def _make_train_chunk(loss_fn, tx, spec: Method, hp, num_tasks, replay_size, cou
         extras: dict[str, Any] = {}
         if spec.step_extras is not None:
             ctx = StepContext(
-                carry.params, x, y, task_id, k_extra, carry.buffer, loss_fn, hp, num_tasks
+                carry.params, x, y, task_id, k_extra, carry.buffer, loss_fn, hp, num_tasks, fns
             )
             extras = spec.step_extras(ctx)
         updates, opt_state = tx.update(grads, carry.opt_state, carry.params, **extras)
@@ -516,7 +518,7 @@ def run(
     if resume and checkpoint_dir is None:
         raise ValueError("run(resume=True) needs a `checkpoint_dir`.")
     T = stream.num_tasks
-    hp = dict(config.hparams)
+    hp = {**config.hparams, "num_tasks": T}  # methods size task-indexed memory by the stream
     counters = _Counters()
     jax.monitoring.register_event_duration_secs_listener(counters.listener)
     try:
@@ -548,7 +550,7 @@ def _run(config, spec, stream, T, hp, counters, checkpoint_dir, resume, stop_aft
     loss_fn, fns = compiled.loss, compiled.fns
     tx = spec.optimizer(hp)
     replay_size = int(hp.get("replay_batch_size") or config.batch_size)
-    train_chunk = _make_train_chunk(loss_fn, tx, spec, hp, T, replay_size, counters, repl)
+    train_chunk = _make_train_chunk(loss_fn, tx, spec, hp, T, replay_size, counters, repl, fns=fns)
     scenarios = stream.scenarios
     primary = primary_scenario(stream)
 

@@ -65,3 +65,14 @@ def test_memory_account_totals():
     )
     assert acc["total_exemplars"] == pytest.approx(acc["total"] / 260)
     assert Me.exemplar_bytes((8, 8), "uint8", "int32") == 68
+
+
+def test_a_wrapped_optimizer_state_counts_as_optimizer_state():
+    params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
+    state = cljax.si(optax.adam(1e-3), strength=1.0).init(params)
+    si = cljax.find_state(state, cljax.SiState)
+    inner = Me.tree_bytes(si.inner)
+    optimizer, cl = Me.split_state_bytes(state, (cljax.SiState,))
+    assert cl == Me.tree_bytes(si) - inner
+    assert optimizer == Me.tree_bytes(state) - cl
+    assert inner == 2 * 15 * 4 + 4  # Adam: mu and nu (15 floats each) and the int32 count

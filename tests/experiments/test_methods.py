@@ -11,11 +11,14 @@ import optax
 import pytest
 
 import cljax
+from cljax.experiments import data as D
 from cljax.experiments import methods as Me
 from cljax.experiments import replay as Rp
+from cljax.experiments.benchmarks import Benchmark
 from cljax.experiments.data import Task
 from cljax.experiments.models import build_model, functional
-from cljax.experiments.runner import _model_functions
+from cljax.experiments.runner import _model_functions, make_config, run
+from tests.experiments.conftest import small_config
 
 PARAMS = {"head": {"kernel": jnp.arange(12.0).reshape(4, 3) / 10, "bias": jnp.zeros(3)}}
 
@@ -32,18 +35,25 @@ def _ctx(task_id, tx, hp, fns=None, task=None):
 
 
 def _hp(name, **over):
-    return Me.resolve_hparams(name, Me.METHODS[name], learning_rate=1e-2, seed=0, overrides=over)
+    hp = Me.resolve_hparams(name, Me.METHODS[name], learning_rate=1e-2, seed=0, overrides=over)
+    return {**hp, "num_tasks": 3}  # the runner adds the stream's number of tasks
+
+
+MLP_PARAMS = functional(build_model("mlp", (5,), 3, seed=0, hidden=(4,))).params
 
 
 @pytest.mark.parametrize("name", list(Me.METHODS))
 def test_every_registered_method_builds_and_evaluates(name):
     method = Me.METHODS[name]
     hp = _hp(name)
-    state, tx = _state(PARAMS, method, hp)
+    state, tx = _state(MLP_PARAMS, method, hp)
     if method.eval_params is not None:
         evaluated = jax.jit(lambda s: method.eval_params(s, hp))(state)
-        assert jax.tree.structure(evaluated) == jax.tree.structure(PARAMS)
+        assert jax.tree.structure(evaluated) == jax.tree.structure(MLP_PARAMS)
     assert method.summary and method.references
+    # Every declared CL sub-state is in the optimizer state.
+    for kind in method.cl_state_types:
+        assert cljax.find_states(state.opt_state, kind)
 
 
 def test_magmax_hook_merges_max_magnitude_task_vectors():
@@ -308,3 +318,496 @@ def test_registry_lookup_and_method_validation():
         cljax.find_state(Me.METHODS["ema"].optimizer(_hp("ema")).init(PARAMS), cljax.EmaState),
         cljax.EmaState,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Regularisers, projections and plasticity methods: boundary hooks against float64 references.
+
+
+def _task(x, y, classes=(0, 1, 2)):
+    return Task("t", x, y, x[:4], y[:4], classes)
+
+
+def _data(n, d=5, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    return x, rng.integers(0, classes, n).astype(np.int32)
+
+
+def _linear_ref(params, x):
+    """Softmax-regression logits and probabilities in float64."""
+    W = np.asarray(params["head"]["kernel"], np.float64)
+    b = np.asarray(params["head"]["bias"], np.float64)
+    z = x.astype(np.float64) @ W + b
+    return z, _softmax(z)
+
+
+def _setup(name, params, fns, x, y, task_id=0, **over):
+    hp = _hp(name, **over)
+    method = Me.METHODS[name]
+    state, tx = _state(params, method, hp)
+    ctx = Me.TaskContext(task_id, 3, _task(x, y), hp, tx, params, 0, fns)
+    return method, state, ctx
+
+
+@pytest.mark.parametrize("estimator", ["empirical", "max_label"])
+def test_ewc_hook_stores_anchor_and_per_example_fisher(estimator):
+    f, _, fns = _linear_model()
+    x, y = _data(16)  # the whole task is the Fisher sample: the mean does not depend on the order
+    over = {"ewc.fisher": estimator, "ewc.fisher_examples": 16}
+    method, state, ctx = _setup("ewc", f.params, fns, x, y, **over)
+    out = method.on_task_end(state, ctx)
+    ewc = cljax.find_state(out.opt_state, cljax.EwcState)
+    assert int(ewc.count) == 1
+    assert ewc.fishers["head"]["kernel"].shape == (2, 5, 3)  # one pair per task with a successor
+    np.testing.assert_array_equal(ewc.anchors["head"]["kernel"][0], f.params["head"]["kernel"])
+    # Reference: squared per-example gradients of -log p(label | x), label = y or argmax p.
+    _, p = _linear_ref(f.params, x)
+    label = y if estimator == "empirical" else np.argmax(p, axis=1)
+    r = p - np.eye(3)[label]
+    ref_w = np.mean((x[:, :, None].astype(np.float64) * r[:, None, :]) ** 2, axis=0)
+    np.testing.assert_allclose(ewc.fishers["head"]["kernel"][0], ref_w, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(ewc.fishers["head"]["bias"][0], np.mean(r**2, 0), rtol=1e-4)
+    # The next boundary fills the second slot; the last task's boundary stores nothing.
+    out = method.on_task_end(out, ctx._replace(task_id=1))
+    assert int(cljax.find_state(out.opt_state, cljax.EwcState).count) == 2
+    assert method.on_task_end(out, ctx._replace(task_id=2)) is out
+
+
+@pytest.mark.parametrize("positions", [None, 3])
+def test_true_fisher_estimate_matches_its_expectation(positions):
+    # One example repeated, a fresh label draw each time: the estimate converges to
+    # E_y[(d log p(y|x) / dW)^2]; for sequences (per-position labels, mean NLL over positions)
+    # the cross terms vanish in expectation, leaving (1/L^2) sum_l E_y[...].
+    rng = np.random.default_rng(1)
+    L = positions or 1
+    W = rng.normal(size=(4, 3)).astype(np.float32)
+    xe = rng.normal(size=(L, 4)).astype(np.float32)
+    n = 4096
+    x = np.broadcast_to(xe if positions else xe[0], (n,) + ((L, 4) if positions else (4,)))
+    y = np.zeros((n, L) if positions else (n,), np.int32)  # unused by the 'true' estimator
+    logits_fn = lambda p, xi: xi @ p["w"]  # noqa: E731
+    got = Me._fisher_jit(
+        {"w": jnp.asarray(W)},
+        jnp.asarray(x),
+        jnp.asarray(y),
+        jax.random.key(0),
+        example_logits=logits_fn,
+        example_loss=None,
+        estimator="true",
+        chunk_size=64,
+    )["w"]
+    p = _softmax(xe.astype(np.float64) @ W)  # (L, 3)
+    ref = np.zeros((4, 3))
+    for pos in range(L):
+        for c in range(3):
+            g = xe[pos][:, None] * (p[pos] - np.eye(3)[c])[None, :]
+            ref += p[pos, c] * g**2 / L**2
+    np.testing.assert_allclose(got, ref, rtol=0.15, atol=0.02 * ref.max())
+
+
+def test_sequence_max_label_fisher_matches_a_loop():
+    rng = np.random.default_rng(2)
+    W = rng.normal(size=(4, 3)).astype(np.float32)
+    x = rng.normal(size=(8, 5, 4)).astype(np.float32)  # 8 sequences of 5 positions
+    got = Me._fisher_jit(
+        {"w": jnp.asarray(W)},
+        jnp.asarray(x),
+        jnp.zeros((8, 5), jnp.int32),
+        jax.random.key(0),
+        example_logits=lambda p, xi: xi @ p["w"],
+        example_loss=None,
+        estimator="max_label",
+        chunk_size=4,
+    )["w"]
+    ref = np.zeros((4, 3))
+    for xi in x.astype(np.float64):
+        p = _softmax(xi @ W)
+        g = sum(np.outer(xi[i], p[i] - np.eye(3)[np.argmax(p[i])]) for i in range(5)) / 5
+        ref += g**2 / 8
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-7)
+
+
+def test_mas_hook_accumulates_output_sensitivity():
+    f, _, fns = _linear_model()
+    x, y = _data(16, seed=3)
+    method, state, ctx = _setup("mas", f.params, fns, x, y, **{"mas.importance_examples": 16})
+    out = method.on_task_end(state, ctx)
+    mas = cljax.find_state(out.opt_state, cljax.MasState)
+    # Reference: d||xW + b||^2 / dW = 2 x f^T, d/db = 2 f; absolute value per example, then mean.
+    z, _ = _linear_ref(f.params, x)
+    ref_w = np.mean(np.abs(2 * x[:, :, None].astype(np.float64) * z[:, None, :]), axis=0)
+    np.testing.assert_allclose(mas.importance["head"]["kernel"], ref_w, rtol=1e-4)
+    np.testing.assert_allclose(mas.importance["head"]["bias"], np.mean(np.abs(2 * z), 0), rtol=1e-4)
+    np.testing.assert_array_equal(mas.anchor["head"]["kernel"], f.params["head"]["kernel"])
+    twice = method.on_task_end(out, ctx._replace(task_id=1))
+    np.testing.assert_allclose(
+        cljax.find_state(twice.opt_state, cljax.MasState).importance["head"]["bias"],
+        2 * np.mean(np.abs(2 * z), 0),
+        rtol=1e-4,
+    )
+
+
+def test_l2_hook_turns_the_penalty_on_after_the_first_task():
+    f, _, fns = _linear_model()
+    x, y = _data(8)
+    method, state, ctx = _setup("l2", f.params, fns, x, y, **{"l2.strength": 0.5})
+    moved = jax.tree.map(lambda p: p + 1.0, f.params)
+    zeros = jax.tree.map(jnp.zeros_like, f.params)
+    # During the first task there is no previous task: zero gradients give a zero update.
+    updates, _ = ctx.tx.update(zeros, state.opt_state, moved)
+    assert float(optax.tree.norm(updates)) == 0.0
+    out = method.on_task_end(state._replace(params=moved), ctx)
+    inject = cljax.find_state(out.opt_state, optax.InjectStatefulHyperparamsState)
+    before = cljax.find_state(state.opt_state, optax.InjectStatefulHyperparamsState)
+    assert float(inject.hyperparams["strength"]) == 0.5
+    # Same dtype and weak type as before: the jitted step does not retrace.
+    assert jax.eval_shape(lambda: inject.hyperparams) == jax.eval_shape(lambda: before.hyperparams)
+    anchor = cljax.find_state(out.opt_state, cljax.L2AnchorState).anchor
+    np.testing.assert_array_equal(anchor["head"]["kernel"], moved["head"]["kernel"])
+    # The penalty gradient 0.5 (theta - anchor) reaches Adam: its first step is -lr * sign.
+    params = jax.tree.map(lambda p: p + 2.0, moved)
+    updates, _ = ctx.tx.update(zeros, out.opt_state, params)
+    np.testing.assert_allclose(updates["head"]["kernel"], -1e-2, rtol=1e-4)
+    assert method.on_task_end(out, ctx._replace(task_id=2)) is out
+
+
+def test_si_hook_turns_the_path_integral_into_importance():
+    f, loss_fn, fns = _linear_model()
+    x, y = _data(8)
+    method, state, ctx = _setup("si", f.params, fns, x, y)
+    params, opt_state = f.params, state.opt_state
+    for _ in range(3):
+        grads = jax.grad(loss_fn)(params, jnp.asarray(x), jnp.asarray(y), jnp.ones(8))
+        updates, opt_state = ctx.tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    si = cljax.find_state(opt_state, cljax.SiState)
+    out = method.on_task_end(state._replace(params=params, opt_state=opt_state), ctx)
+    new = cljax.find_state(out.opt_state, cljax.SiState)
+    moved = np.asarray(params["head"]["kernel"], np.float64) - np.asarray(
+        f.params["head"]["kernel"]
+    )
+    ref = np.asarray(si.path_integral["head"]["kernel"], np.float64) / (moved**2 + 0.1)
+    np.testing.assert_allclose(new.importance["head"]["kernel"], ref, rtol=1e-4, atol=1e-9)
+    assert float(optax.tree.norm(new.path_integral)) == 0.0
+    np.testing.assert_array_equal(new.anchor["head"]["kernel"], params["head"]["kernel"])
+
+
+def test_gpm_hook_stores_input_subspaces_and_the_step_respects_them():
+    f = functional(build_model("mlp", (5,), 3, seed=0, hidden=(4,)))
+    loss_fn, fns = _model_functions(f)
+    rng = np.random.default_rng(4)
+    x = (rng.normal(size=(16, 2)) @ rng.normal(size=(2, 5))).astype(np.float32)  # rank 2
+    y = rng.integers(0, 3, 16).astype(np.int32)
+    method, state, ctx = _setup("gpm", f.params, fns, x, y, **{"gpm.activation_examples": 16})
+    out = method.on_task_end(state, ctx)
+    gpm = cljax.find_state(out.opt_state, cljax.GpmState)
+    W0 = np.asarray(f.params["layers"][0]["kernel"], np.float64)
+    b0 = np.asarray(f.params["layers"][0]["bias"], np.float64)
+    hidden = np.maximum(x.astype(np.float64) @ W0 + b0, 0.0)
+    for leaf, inputs in ((("layers", 0), x.astype(np.float64)), (("head",), hidden)):
+        # Reference, GPM's first-task rule: k = #{i : cumsum(s^2)_i / sum(s^2) < 0.97}.
+        u, s, _ = np.linalg.svd(inputs.T, full_matrices=False)
+        k = int(np.sum(np.cumsum(s**2) / np.sum(s**2) < 0.97))
+        node_b, node_c = gpm.bases, gpm.counts
+        for key in leaf:
+            node_b, node_c = node_b[key], node_c[key]
+        count = int(node_c["kernel"])
+        basis = np.asarray(node_b["kernel"][:, :count], np.float64)
+        assert count == k >= 1
+        np.testing.assert_allclose(basis @ basis.T, u[:, :k] @ u[:, :k].T, atol=1e-4)
+    # A step after the boundary: no kernel update along a stored input direction, the hidden
+    # bias frozen (the backbone), the output bias trainable (the head).
+    xb, yb = _data(8, seed=5)
+    grads = jax.grad(loss_fn)(f.params, jnp.asarray(xb), jnp.asarray(yb), jnp.ones(8))
+    updates, _ = ctx.tx.update(grads, out.opt_state, f.params)
+    m0 = gpm.bases["layers"][0]["kernel"]
+    np.testing.assert_allclose(m0.T @ updates["layers"][0]["kernel"], 0.0, atol=1e-6)
+    np.testing.assert_array_equal(updates["layers"][0]["bias"], 0.0)
+    assert float(jnp.max(jnp.abs(updates["head"]["bias"]))) > 0.0
+    assert method.on_task_end(out, ctx._replace(task_id=2)) is out
+
+
+def test_ogd_hook_spans_the_ground_truth_logit_gradients():
+    f, _, fns = _linear_model()
+    x, y = _data(6, seed=6)
+    method, state, ctx = _setup("ogd", f.params, fns, x, y, **{"ogd.examples_per_task": 6})
+    out = method.on_task_end(state, ctx)
+    ogd = cljax.find_state(out.opt_state, cljax.OgdState)
+    assert ogd.basis["head"]["kernel"].shape == (12, 5, 3)  # 6 per task with a successor
+    # Reference: d f_y / dW = x e_y^T and d f_y / db = e_y, stacked as (bias, kernel) vectors.
+    vecs = np.concatenate(
+        [np.eye(3)[y], (x[:, :, None] * np.eye(3)[y][:, None, :]).reshape(6, -1)], 1
+    )
+    basis = np.concatenate(
+        [
+            np.asarray(ogd.basis["head"]["bias"]),
+            np.asarray(ogd.basis["head"]["kernel"]).reshape(12, -1),
+        ],
+        1,
+    ).astype(np.float64)
+    count = int(ogd.count)
+    assert count == np.linalg.matrix_rank(vecs)
+    b = basis[:count]
+    np.testing.assert_allclose(b @ b.T, np.eye(count), atol=1e-5)
+    np.testing.assert_allclose(vecs - (vecs @ b.T) @ b, 0.0, atol=1e-5)
+    with pytest.raises(ValueError, match="one label per example"):
+        method.on_task_start(state, ctx._replace(task=_task(np.zeros((4, 3, 2)), np.zeros((4, 3)))))
+
+
+def test_osft_hook_freezes_a_growing_top_singular_subspace():
+    params = MLP_PARAMS
+    method, state, ctx = _setup("osft", params, None, *_data(4))
+    W = np.asarray(params["layers"][0]["kernel"], np.float64)  # (5, 4): min(m, n) = 4
+    u, _, vt = np.linalg.svd(W, full_matrices=False)
+    for t, k in ((0, 0), (1, 1), (2, 2)):  # floor(t / 3 * 4)
+        state = method.on_task_start(state, ctx._replace(task_id=t))
+        osft = cljax.find_state(state.opt_state, cljax.OsftState)
+        assert int(osft.ranks["layers"][0]["kernel"]) == k
+        left = np.asarray(osft.left["layers"][0]["kernel"], np.float64)[:, :k]
+        right = np.asarray(osft.right["layers"][0]["kernel"], np.float64)[:, :k]
+        np.testing.assert_allclose(left @ left.T, u[:, :k] @ u[:, :k].T, atol=1e-5)
+        np.testing.assert_allclose(right @ right.T, vt[:k].T @ vt[:k], atol=1e-5)
+
+
+def test_shrink_perturb_hook_is_the_identity_first_then_shrinks():
+    method, state, ctx = _setup("shrink_perturb", MLP_PARAMS, None, *_data(4))
+    first = method.on_task_start(state, ctx)
+    for a, b in zip(jax.tree.leaves(first.params), jax.tree.leaves(MLP_PARAMS), strict=True):
+        np.testing.assert_array_equal(a, b)
+    hp = {**ctx.hp, "noise_scale": 0.0}
+    later = method.on_task_start(state, ctx._replace(task_id=1, hp=hp))
+    for a, b in zip(jax.tree.leaves(later.params), jax.tree.leaves(MLP_PARAMS), strict=True):
+        np.testing.assert_allclose(a, 0.5 * np.asarray(b, np.float64), rtol=1e-6)
+    noisy = method.on_task_start(state, ctx._replace(task_id=1))
+    noise = (noisy.params["layers"][0]["kernel"] - later.params["layers"][0]["kernel"]) / 0.01
+    assert 0.3 < float(jnp.std(noise)) < 3.0
+
+
+def test_cbp_reads_the_mlp_layers_and_feeds_hidden_activations():
+    f = functional(build_model("mlp", (5,), 3, seed=0, hidden=(4, 3)))
+    loss_fn, fns = _model_functions(f)
+    layers = Me._cbp_layers(f.params)
+    assert layers == [
+        cljax.CbpLayer("layers/0/kernel", "layers/0/bias", "layers/1/kernel", "layers/1/bias"),
+        cljax.CbpLayer("layers/1/kernel", "layers/1/bias", "head/kernel", "head/bias"),
+    ]
+    x, y = _data(6)
+    ctx = Me.StepContext(
+        f.params, jnp.asarray(x), jnp.asarray(y), 0, None, None, loss_fn, {}, 3, fns
+    )
+    acts = Me._cbp_extras(ctx)["activations"]
+    assert [a.shape for a in acts] == [(6, 4), (6, 3)]
+    # The registry's optimizer is continual backprop on those layers.
+    hp = _hp("cbp", **{"cbp.maturity": 0, "cbp.replacement_rate": 1.0})
+    tx = Me.METHODS["cbp"].optimizer(hp)
+    direct = cljax.continual_backprop(
+        optax.adam(1e-2), layers, replacement_rate=1.0, maturity=0, decay=0.99, seed=0
+    )
+    grads = jax.grad(loss_fn)(f.params, jnp.asarray(x), jnp.asarray(y), jnp.ones(6))
+    step = jax.jit(lambda t, s: t.update(grads, s, f.params, activations=acts)[0], static_argnums=0)
+    got, want = step(tx, tx.init(f.params)), step(direct, direct.init(f.params))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_past_only_memory_gradients_ignore_the_current_task():
+    f, loss_fn, _ = _linear_model()
+    x0 = np.tile(np.float32([[1.0, -2.0, 0.5, 0.0, 3.0]]), (4, 1))  # task 0: one example, 4 times
+    x1, y1 = _data(4, seed=7)
+    buf = Rp.buffer_init(8, jnp.zeros(5), jnp.zeros((), jnp.int32), num_tasks=2)
+    buf = Rp.buffer_add(
+        buf, jnp.asarray(x0), jnp.full(4, 2, jnp.int32), jnp.int32(0), jax.random.key(0)
+    )
+    buf = Rp.buffer_add(buf, jnp.asarray(x1), jnp.asarray(y1), jnp.int32(1), jax.random.key(1))
+
+    @jax.jit
+    def grads(task_id):
+        ctx = Me.StepContext(
+            f.params,
+            jnp.zeros((6, 5)),
+            jnp.zeros(6, jnp.int32),
+            task_id,
+            jax.random.key(3),
+            buf,
+            loss_fn,
+            {"memory_batch_size": None},
+            2,
+        )
+        return Me.METHODS["agem"].step_extras(ctx)["memory_grads"]
+
+    got = grads(jnp.int32(1))
+    _, p = _linear_ref(f.params, x0[:1])
+    r = p[0] - np.eye(3)[2]
+    np.testing.assert_allclose(got["head"]["kernel"], np.outer(x0[0], r), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["head"]["bias"], r, rtol=1e-5, atol=1e-6)
+    assert float(optax.tree.norm(grads(jnp.int32(0)))) == 0.0  # no earlier task yet
+
+
+def test_gem_extras_pass_every_task_slot_and_the_task_count():
+    f, loss_fn, _ = _linear_model()
+    buf = Rp.buffer_init(6, jnp.zeros(5), jnp.zeros((), jnp.int32), num_tasks=3)
+    ctx = Me.StepContext(f.params, None, None, jnp.int32(2), jax.random.key(0), buf, loss_fn, {}, 3)
+    extras = Me.METHODS["gem"].step_extras(ctx)
+    assert extras["task_grads"]["head"]["kernel"].shape == (3, 5, 3)
+    assert int(extras["num_tasks"]) == 2
+
+
+def test_regularizer_and_projection_methods_validate_their_settings():
+    no_tasks = {k: v for k, v in _hp("ewc").items() if k != "num_tasks"}
+    with pytest.raises(ValueError, match="needs 'num_tasks'"):
+        Me.METHODS["ewc"].optimizer(no_tasks)
+    with pytest.raises(ValueError, match="'fisher' must be one of"):
+        Me.METHODS["online_ewc"].optimizer(_hp("online_ewc", **{"online_ewc.fisher": "exact"}))
+    with pytest.raises(ValueError, match="'fisher_examples' must be an int >= 1"):
+        Me.METHODS["ewc"].optimizer(_hp("ewc", **{"ewc.fisher_examples": 0}))
+    with pytest.raises(ValueError, match="'importance_examples' must be an int >= 1"):
+        Me.METHODS["mas"].optimizer(_hp("mas", **{"mas.importance_examples": 2.5}))
+    with pytest.raises(ValueError, match="'activation_examples' must be an int >= 1"):
+        Me.METHODS["gpm"].optimizer(_hp("gpm", **{"gpm.activation_examples": -1}))
+    with pytest.raises(ValueError, match="'num_components' must be an int >= 1"):
+        Me.METHODS["ogd"].optimizer(_hp("ogd", **{"ogd.num_components": 0}))
+    with pytest.raises(ValueError, match="'where' must be one of"):
+        Me.METHODS["agem"].optimizer(_hp("agem", **{"agem.where": "before"}))
+    with pytest.raises(ValueError, match="'where' must be one of"):
+        Me.METHODS["gem"].optimizer(_hp("gem", **{"gem.where": "after"}))
+    with pytest.raises(ValueError, match="'memory_batch_size' must be an int >= 1"):
+        Me.METHODS["agem"].optimizer(_hp("agem", **{"agem.memory_batch_size": 0}))
+    with pytest.raises(ValueError, match="'rank_step' must be in"):
+        Me.METHODS["osft"].optimizer(_hp("osft", **{"osft.rank_step": 1.5}))
+    with pytest.raises(ValueError, match="'shrink' must be in"):
+        Me.METHODS["shrink_perturb"].optimizer(
+            _hp("shrink_perturb", **{"shrink_perturb.shrink": 2.0})
+        )
+    with pytest.raises(ValueError, match="'noise_scale' must be >= 0"):
+        Me.METHODS["shrink_perturb"].optimizer(
+            _hp("shrink_perturb", **{"shrink_perturb.noise_scale": -1.0})
+        )
+    cbp = Me.METHODS["cbp"].optimizer(_hp("cbp"))
+    with pytest.raises(ValueError, match="registered for the MLP"):
+        cbp.init(PARAMS)
+    with pytest.raises(ValueError, match="needs `params`"):
+        cbp.update(MLP_PARAMS, cbp.init(MLP_PARAMS), None, activations=[jnp.zeros((1, 4))])
+    ctx = Me.StepContext(MLP_PARAMS, jnp.zeros((1, 5)), None, 0, None, None, None, {}, 3)
+    with pytest.raises(ValueError, match="no model functions"):
+        Me._cbp_extras(ctx)
+
+
+# ---------------------------------------------------------------------------------------------
+# Slow: every regulariser, projection and plasticity method through the runner, tiny budgets.
+
+CL_METHODS = (
+    "ewc",
+    "online_ewc",
+    "si",
+    "mas",
+    "l2",
+    "gpm",
+    "ogd",
+    "agem",
+    "gem",
+    "osft",
+    "shrink_perturb",
+    "cbp",
+)
+# Continual backprop replaces units only after `maturity` steps: make it happen in a tiny run.
+_TINY = {"cbp": {"cbp.maturity": 1, "cbp.replacement_rate": 0.5}}
+
+
+def _finite(result) -> bool:
+    return all(v is None or np.isfinite(v) for m in result["metrics"].values() for v in m.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CL_METHODS)
+def test_method_runs_five_tasks_and_its_hooks_never_recompile(name):
+    # Five tasks: the boundary work after the first task compiles, the later ones reuse it.
+    r = run(small_config(name, num_tasks=5, overrides=_TINY.get(name)))
+    assert r["complete"] and _finite(r)
+    assert r["compilations"]["xla_per_task"][1:] == [0] * 4
+    assert r["compilations"]["traces"]["train_chunk"] == 1
+    if Me.METHODS[name].cl_state_types:
+        assert r["memory"]["cl_memory"] > 0
+    if Me.METHODS[name].buffer != "none":
+        assert r["memory"]["replay_buffer"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ewc", "mas", "gpm", "gem"])
+def test_method_runs_on_a_domain_incremental_stream(name):
+    cfg = make_config(
+        "split-digits-domain", name, num_tasks=5, steps_per_task=6, eval_every=3, eval_subsample=100
+    )
+    r = run(cfg)
+    assert r["complete"] and _finite(r) and set(r["metrics"]) == {"domain"}
+    assert r["compilations"]["xla_per_task"][1:] == [0] * 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gpm", "osft", "ewc"])
+def test_projections_handle_convolution_kernels(name):
+    r = run(small_config(name, num_tasks=5, model="cnn"))
+    assert r["complete"] and _finite(r)
+    assert r["compilations"]["xla_per_task"][1:] == [0] * 4
+
+
+_TINY_LM = Benchmark(
+    "tiny char LM",
+    lambda n: D.char_lm(("prose", "code", "unicode"), context=8, max_chars=1500),
+    "tiny_llama",
+    {"dim": 16, "depth": 1, "heads": 2},
+    steps_per_task=3,
+    eval_every=3,
+    eval_subsample=8,
+    batch_size=8,
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ewc", "mas", "si", "gpm", "osft"])
+def test_method_runs_on_a_language_model_stream(name):
+    # Per-position labels: EWC's true Fisher samples a label per position.
+    over = {"fisher_examples": 16, "importance_examples": 16, "activation_examples": 8}
+    over = {k: v for k, v in over.items() if k in Me.METHODS[name].defaults}
+    r = run(make_config(_TINY_LM, name, overrides=over), stream=_TINY_LM.stream(None))
+    assert r["complete"] and _finite(r)
+    assert r["compilations"]["xla_per_task"][1:] == [0, 0]
+
+
+@pytest.mark.slow
+def test_ogd_refuses_a_sequence_stream_before_training():
+    with pytest.raises(ValueError, match="one label per example"):
+        run(make_config(_TINY_LM, "ogd"), stream=_TINY_LM.stream(None))
+
+
+@pytest.mark.slow
+def test_gpm_keeps_task_incremental_accuracy_where_naive_forgets():
+    cfg = dict(steps_per_task=40, eval_every=40, eval_subsample=100)
+    gpm = run(make_config("split-digits", "gpm", **cfg))["metrics"]["task"]
+    naive = run(make_config("split-digits", "naive", **cfg))["metrics"]["task"]
+    assert abs(gpm["bwt"]) < 0.03 < -naive["bwt"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ewc", "l2", "gpm", "agem", "osft"])
+def test_resuming_after_a_boundary_equals_an_uninterrupted_run(name, tmp_path):
+    # The checkpoint holds the consolidated / grown CL memory (anchors, injected strengths,
+    # bases, the buffer): resuming from it gives the uninterrupted run's numbers.
+    cfg = small_config(name, num_tasks=5)
+    full = run(cfg)
+    partial = run(cfg, checkpoint_dir=tmp_path, stop_after=2)
+    assert not partial["complete"]
+    resumed = run(cfg, checkpoint_dir=tmp_path, resume=True)
+    for key in ("R", "loss_matrix", "log", "metrics", "memory"):
+        assert resumed[key] == full[key], key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ewc", "gpm", "gem", "cbp"])
+def test_data_parallel_run_matches_one_device(name):
+    assert len(jax.devices()) >= 8
+    r1 = run(small_config(name, num_tasks=5, overrides=_TINY.get(name)))
+    r8 = run(small_config(name, num_tasks=5, overrides=_TINY.get(name), devices=8))
+    np.testing.assert_allclose(r8["train_loss"]["loss"], r1["train_loss"]["loss"], rtol=1e-3)
+    for s in ("task", "class"):
+        np.testing.assert_allclose(r8["R"][s], r1["R"][s], atol=2 / 180)

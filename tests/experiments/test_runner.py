@@ -270,8 +270,8 @@ def test_plots_need_matplotlib(monkeypatch):
 def test_make_config_validates():
     with pytest.raises(ValueError, match="unknown benchmark 'mnist'"):
         make_config("mnist", "naive")
-    with pytest.raises(ValueError, match="unknown method 'ewc'"):
-        make_config("split-digits", "ewc")
+    with pytest.raises(ValueError, match="unknown method 'ewcc'"):
+        make_config("split-digits", "ewcc")
     with pytest.raises(ValueError, match="steps_per_task"):
         make_config("split-digits", "naive", steps_per_task=-1)
     with pytest.raises(ValueError, match="num_tasks"):
