@@ -86,6 +86,12 @@ def make_step(tx, case: Case, traces: list | None = None):
     return step
 
 
+def jit_update(tx, case: Case):
+    """`tx.update` with the case's extra args, compiled: one program instead of op-by-op dispatch."""
+    update = jax.jit(lambda updates, state, params, extra: tx.update(updates, state, params, **extra))
+    return lambda updates, state, params: update(updates, state, params, case.extra_args)
+
+
 def run(tx, case: Case, params, steps: int, start: int = 0, state=None):
     step = jax.jit(make_step(tx, case))
     state = tx.init(params) if state is None else state
@@ -148,10 +154,11 @@ def test_strict_dtype_promotion(case, dtype):
     """cljax's own arithmetic never relies on implicit dtype promotion."""
     tx = build(case)
     params = make_params(dtype)
-    with jax.numpy_dtype_promotion("strict"):
+    with jax.numpy_dtype_promotion("strict"):  # applies while the update is traced
         state = tx.init(params)
+        update = jit_update(tx, case)
         for i in range(2):
-            updates, state = tx.update(make_grads(params, i), state, params, **case.extra_args)
+            updates, state = update(make_grads(params, i), state, params)
     assert all(u.dtype == dtype for u in jax.tree.leaves(updates))
 
 
@@ -161,11 +168,12 @@ def test_params_none(case):
     params = make_params()
     state = tx.init(params)
     grads = make_grads(params, 0)
+    update = jit_update(tx, case)
     if case.needs_params:
         with pytest.raises(ValueError, match="params"):
-            tx.update(grads, state, None, **case.extra_args)
+            update(grads, state, None)
     else:
-        updates, _ = tx.update(grads, state, None, **case.extra_args)
+        updates, _ = update(grads, state, None)
         assert jax.tree.structure(updates) == jax.tree.structure(grads)
 
 
@@ -220,17 +228,18 @@ def test_multisteps_and_none_leaves(case):
     tx = optax.MultiSteps(case.factory(**case.kwargs), every_k_schedule=2)
     state = tx.init(params)
     g0, g1 = make_grads(params, 0), make_grads(params, 1)
-    u0, state = tx.update(g0, state, params, **case.extra_args)
+    update = jit_update(tx, case)
+    u0, state = update(g0, state, params)
     assert all(not np.any(np.asarray(u)) for u in jax.tree.leaves(u0))
-    u1, state = tx.update(g1, state, params, **case.extra_args)
+    u1, state = update(g1, state, params)
     plain = build(case)
     mean = jax.tree.map(lambda a, b: (a + b) / 2, g0, g1)
-    want, _ = plain.update(mean, plain.init(params), params, **case.extra_args)
+    want, _ = jit_update(plain, case)(mean, plain.init(params), params)
     assert_trees_close(u1, want, rtol=1e-5, atol=1e-7)
 
     with_none = {**params, "none": None}
     tx = build(case)
-    updates, _ = tx.update({**make_grads(params, 0), "none": None}, tx.init(with_none), with_none, **case.extra_args)
+    updates, _ = jit_update(tx, case)({**make_grads(params, 0), "none": None}, tx.init(with_none), with_none)
     assert updates["none"] is None
 
 
