@@ -264,11 +264,7 @@ def test_pmap_with_pmean_matches_single_device(case):
         updates, state = tx.update(grads, state, params, **case.extra_args)
         return optax.apply_updates(params, updates), state
 
-    @jax.jit
-    def step(params, state, grads):
-        grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
-        updates, state = tx.update(grads, state, params, **case.extra_args)
-        return optax.apply_updates(params, updates), state
+    step = jax.jit(make_step(tx, case))  # the single-device step every other check compiles too
 
     replicate = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (N_DEVICES,) + x.shape), tree)
     p_params, p_state = replicate(params), replicate(tx.init(params))
@@ -276,7 +272,7 @@ def test_pmap_with_pmean_matches_single_device(case):
     for i in range(3):
         grads = _replicated_grads(params, i)
         p_params, p_state = pstep(p_params, p_state, grads)
-        s_params, s_state = step(s_params, s_state, grads)
+        s_params, s_state, _ = step(s_params, s_state, jax.tree.map(lambda g: jnp.mean(g, axis=0), grads))
     for leaf in jax.tree.leaves((p_params, p_state)):
         leaf = np.asarray(leaf)
         assert (leaf == leaf[:1]).all(), "replicas diverged"
