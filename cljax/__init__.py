@@ -6,6 +6,7 @@ ready-made optimizers are in `cljax.optimizers`, the pytree helpers in `cljax.tr
 sharding helpers in `cljax.sharding`.
 """
 
+from cljax import kernels as kernels
 from cljax import optimizers as optimizers
 from cljax import sharding as sharding
 from cljax import transforms as transforms

@@ -13,12 +13,13 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 
 from cljax import _checks
+from cljax.kernels import _sltrain as _kernels_sltrain
 from cljax.tree import MatrixSpec, from_matrices, matrix_shape
 
 __all__ = [
@@ -249,7 +250,14 @@ def sltrain_materialize(trainable: Any, support: Any) -> Any:
     return treedef.unflatten(out)
 
 
-def sltrain_apply(x: jax.Array, weight: SparseLowRankWeight, support: jax.Array) -> jax.Array:
+def sltrain_apply(
+    x: jax.Array,
+    weight: SparseLowRankWeight,
+    support: jax.Array,
+    *,
+    tiles: Any = None,
+    impl: Literal["auto", "xla", "pallas"] = "auto",
+) -> jax.Array:
     """Returns ``x @ W`` for one ``(m, n)`` SLTrain weight without forming ``W`` or dense ``S``.
 
     ``y = scale · (x a) b + x S``, where ``x S`` gathers the inputs at the support's rows and
@@ -259,6 +267,9 @@ def sltrain_apply(x: jax.Array, weight: SparseLowRankWeight, support: jax.Array)
         x: Inputs ``(..., m)``.
         weight: A 2-D `SparseLowRankWeight` (rows = inputs, as a Flax kernel).
         support: Its ``(k,)`` int32 support.
+        tiles: ``cljax.kernels.sltrain_tiles(support, (m, n))``, built once outside `jit`: lets
+            the Pallas kernel run (it builds tiles of ``W`` on chip, never in memory).
+        impl: ``'auto'``, ``'xla'`` or ``'pallas'``, as in `cljax.kernels.sltrain_matmul`. Static.
 
     Returns:
         ``(..., n)`` outputs in float32 accumulation, cast to `x`'s dtype.
@@ -275,15 +286,12 @@ def sltrain_apply(x: jax.Array, weight: SparseLowRankWeight, support: jax.Array)
             f"{fn}: `weight` must be a 2-D SparseLowRankWeight (vmap over stacked ones)."
         )
     _check_support(fn, weight, support, "weight")
-    m, n = weight.a.shape[0], weight.b.shape[1]
+    m = weight.a.shape[0]
     if jnp.shape(x)[-1] != m:
         raise ValueError(
             f"{fn}: `x` has shape {jnp.shape(x)}; its last dim must be the weight's {m} rows."
         )
-    xf = jnp.asarray(x, jnp.float32)
-    low = weight.scale * ((xf @ weight.a.astype(jnp.float32)) @ weight.b.astype(jnp.float32))
-    rows, cols = support // n, support % n
-    values = weight.values.astype(jnp.float32).reshape((1,) * (xf.ndim - 1) + (-1,))
-    contrib = xf[..., rows] * values  # (..., k)
-    sparse = jnp.zeros((*xf.shape[:-1], n), jnp.float32).at[..., cols].add(contrib)
-    return (low + sparse).astype(jnp.result_type(x))
+    # The XLA path is this function's former body, moved to the kernel module as its reference.
+    return _kernels_sltrain.sltrain_matmul(
+        x, weight.a, weight.b, weight.values, support, scale=weight.scale, tiles=tiles, impl=impl
+    )
