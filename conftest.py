@@ -2,9 +2,14 @@
 
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+_XLA_FLAGS = ["--xla_force_host_platform_device_count=8"]
+# The suite compiles a few thousand small programs and runs each a handful of times, so XLA's CPU
+# compile time dominates it. The classic emitters without LLVM optimisation compile these programs
+# about 3x faster; they change code generation only, never the HLO a test builds. Set
+# CLJAX_TEST_FAST_COMPILE=0 to test with XLA's default CPU code generation.
+if os.environ.get("CLJAX_TEST_FAST_COMPILE", "1") != "0":
+    _XLA_FLAGS += ["--xla_cpu_use_fusion_emitters=false", "--xla_backend_optimization_level=0"]
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *_XLA_FLAGS]).strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -18,3 +18,6 @@ class Case(NamedTuple):
     needs_params: bool = False  # `update` raises without params
     leafwise: bool = True  # each leaf's update depends only on that leaf (no global reductions)
     strict_dtypes: bool = False  # no optax arithmetic inside: must run under strict promotion
+    # Quantized state: unsigned-integer codes may round to a neighbouring code when a different
+    # program (sharded, pmapped) computes the same floats in another order. This many code steps.
+    code_atol: int = 0

@@ -39,6 +39,7 @@ CASES: dict[str, Case] = {
         cljax.quantize_state,
         {"inner": optax.scale_by_adam(), "block_size": 4, "min_size": 8},
         static_args=("block_size", "min_size"),
+        code_atol=1,  # a moment on a rounding boundary may take the neighbouring code when sharded
     ),
     # LR-13 Dion.
     "scale_by_dion": Case(
