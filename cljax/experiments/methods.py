@@ -238,6 +238,10 @@ class Method:
         step_extras: ``StepContext -> dict`` of keyword extras for ``tx.update`` (traced).
         eval_params: ``(state, hp) -> params`` evaluated (default ``state.params``): an EMA,
             a merged model. Must be jittable (it runs inside the compiled evaluation).
+        task_eval_params: ``(state, hp) -> params`` with a leading task axis ``(T, ...)`` on
+            every leaf: task ``t``'s Task-IL accuracy is computed with its own parameters (a
+            per-task mask); Class-IL and Domain-IL accuracy, losses and flips use `eval_params`
+            (no task identity at test time). Jittable. Default None: one model for everything.
         cl_state_types: Sub-state types of the optimizer state counted as CL memory.
         references: Paper(s).
     """
@@ -255,6 +259,7 @@ class Method:
     on_task_end: Callable[[TrainState, TaskContext], TrainState] | None = None
     step_extras: Callable[[StepContext], dict[str, Any]] | None = None
     eval_params: Callable[[TrainState, Mapping[str, Any]], Any] | None = None
+    task_eval_params: Callable[[TrainState, Mapping[str, Any]], Any] | None = None
     cl_state_types: tuple[type, ...] = ()
     references: str = ""
 
@@ -687,6 +692,239 @@ def _cbp_extras(ctx: StepContext) -> dict[str, Any]:
     return {"activations": [hidden[k] for k in ordered]}
 
 
+# ---------------------------------------------------------------------------------------------
+# Sparse masks and low-rank projections (cljax.transforms.sparse / low_rank). Masks act on the
+# weight kernels (`_kernel_spec`'s leaves); biases, norms and embeddings are "the other leaves".
+
+
+def _path_name(path) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def _kernel_flags(params: Any) -> Any:
+    """True at every weight kernel (a matrix under `_kernel_spec`), False elsewhere."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: _kernel_spec(_path_name(path), jnp.shape(p)) is not None, params
+    )
+
+
+def _other_flags(params: Any) -> Any:
+    return jax.tree.map(lambda k: not k, _kernel_flags(params))
+
+
+def _kernel_or_other(params: Any) -> Any:
+    """HFT's groups: ``'kernel'`` for weight kernels, ``'other'`` for biases, norms, embeddings."""
+    return jax.tree.map(lambda k: "kernel" if k else "other", _kernel_flags(params))
+
+
+def _check_fraction(method: str, name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(
+            f"method {method!r}: hyper-parameter {name!r} must be in (0, 1], got {value!r}."
+        )
+    return float(value)
+
+
+def _edge_popup(weights, scores, xs, ys, learning_rate, *, loss, density: float):
+    """Edge-popup on fixed weights: SGD (momentum 0.9) on the scores of ``W * supermask(s)``.
+
+    `scores` has arrays at the kernels and None elsewhere; one step per batch of ``(xs, ys)``.
+    Returns the task's masks: the top ``ceil(density * size)`` of ``|s|`` per kernel, all True at
+    the other leaves.
+    """
+    tx = optax.sgd(learning_rate, momentum=0.9)
+    is_none = lambda v: v is None  # noqa: E731
+
+    def effective(s):
+        masks = cljax.supermask(s, density)
+        return jax.tree.map(
+            lambda m, w: w if m is None else w * m.astype(w.dtype), masks, weights, is_leaf=is_none
+        )
+
+    def step(carry, batch):
+        s, opt_state = carry
+        x, y = batch
+        w = jnp.ones((x.shape[0],), _F32)
+        grads = jax.grad(lambda s_: loss(effective(s_), x, y, w))(s)
+        updates, opt_state = tx.update(grads, opt_state, s)
+        return (optax.apply_updates(s, updates), opt_state), None
+
+    (scores, _), _ = jax.lax.scan(step, (scores, tx.init(scores)), (xs, ys))
+    masks = cljax.supermask(scores, density)
+    return jax.tree.map(
+        lambda m, w: jnp.ones(jnp.shape(w), jnp.bool_) if m is None else m > 0.5,
+        masks,
+        weights,
+        is_leaf=is_none,
+    )
+
+
+_edge_popup_jit = jax.jit(_edge_popup, static_argnames=("loss", "density"))
+
+
+def _exclusive_optimizer(hp: Mapping[str, Any]) -> optax.GradientTransformation:
+    _check_fraction("exclusive_masks", "density", hp["density"])
+    _check_examples("exclusive_masks", "mask_steps", hp["mask_steps"])
+    _check_examples("exclusive_masks", "mask_batch_size", hp["mask_batch_size"])
+    return cljax.exclusive_masks(
+        optax.adam(hp["learning_rate"]), capacity=_num_tasks(hp, "exclusive_masks")
+    )
+
+
+def _exclusive_begin(opt_state, weights, xs, ys, key, learning_rate, *, loss, density: float):
+    """Learns M_t (edge-popup from fresh scores), sets it, and returns ``(W * M_t, opt_state)``."""
+    flags = _kernel_flags(weights)
+    leaves, treedef = jax.tree.flatten(weights)
+    keys = jax.random.split(key, len(leaves))
+    scores = []
+    for w, k, is_kernel in zip(leaves, keys, jax.tree.leaves(flags), strict=True):
+        bound = 1.0 / math.sqrt(math.prod(w.shape[:-1]))  # edge-popup's Kaiming-uniform scores
+        scores.append(jax.random.uniform(k, w.shape, _F32, -bound, bound) if is_kernel else None)
+    scores = jax.tree.unflatten(treedef, scores)
+    masks = _edge_popup(weights, scores, xs, ys, learning_rate, loss=loss, density=density)
+    opt_state = cljax.exclusive_masks_start_task(opt_state, masks)
+    params = jax.tree.map(lambda w, m: jnp.where(m, w, jnp.zeros_like(w)), weights, masks)
+    return params, opt_state
+
+
+_exclusive_begin_jit = jax.jit(_exclusive_begin, static_argnames=("loss", "density"))
+
+
+def _exclusive_start(state: TrainState, ctx: TaskContext) -> TrainState:
+    # Phase 1: the task's supermask M_t, learned by edge-popup on the dense weights W (kept in
+    # `extra`); phase 2 (the task's training steps): the network is W * M_t and only the
+    # exclusive entries M_t & ~U train (`cljax.exclusive_masks`).
+    hp = ctx.hp
+    steps, size = int(hp["mask_steps"]), int(hp["mask_batch_size"])
+    x, y = ctx.sample(steps * size, seed=6)
+    params, opt_state = _exclusive_begin_jit(
+        state.opt_state,
+        state.extra,
+        jnp.asarray(x.reshape((steps, size) + x.shape[1:])),
+        jnp.asarray(y.reshape((steps, size) + y.shape[1:])),
+        _hook_key(ctx, 3),
+        jnp.asarray(hp["mask_learning_rate"], _F32),
+        loss=ctx.fns.loss,
+        density=float(hp["density"]),
+    )
+    return state._replace(params=params, opt_state=opt_state)
+
+
+def _exclusive_finish(opt_state, params, weights):
+    """Commits M_t and writes the trained entries back into W: only ``E_t = M_t & ~U`` moved."""
+    before = cljax.exclusive_masks_lookup(opt_state, params)
+    opt_state = cljax.exclusive_masks_commit_task(opt_state)
+    after = cljax.exclusive_masks_lookup(opt_state, params)
+    weights = jax.tree.map(
+        lambda a, b, p, w: jnp.where(a & ~b, p, w), after, before, params, weights
+    )
+    return opt_state, weights
+
+
+_exclusive_finish_jit = jax.jit(_exclusive_finish)
+
+
+def _exclusive_end(state: TrainState, ctx: TaskContext) -> TrainState:
+    opt_state, weights = _exclusive_finish_jit(state.opt_state, state.params, state.extra)
+    return state._replace(opt_state=opt_state, extra=weights)
+
+
+def _exclusive_task_params(opt_state, params, weights, *, num_tasks: int):
+    count = cljax.find_state(opt_state, cljax.ExclusiveMasksState).count
+    per_task = []
+    for j in range(num_tasks):
+        mask = cljax.exclusive_masks_lookup(opt_state, weights, j)  # traced count: no range check
+        own = jax.tree.map(lambda m, w: jnp.where(m, w, jnp.zeros_like(w)), mask, weights)
+        # A task not committed yet (being trained, or to come) is evaluated with the trained
+        # parameters.
+        per_task.append(jax.tree.map(lambda o, p, j=j: jnp.where(j < count, o, p), own, params))
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *per_task)
+
+
+_exclusive_task_params_jit = jax.jit(_exclusive_task_params, static_argnames=("num_tasks",))
+
+
+def _exclusive_eval(state: TrainState, hp: Mapping[str, Any]) -> Any:
+    return _exclusive_task_params_jit(
+        state.opt_state,
+        state.params,
+        state.extra,
+        num_tasks=_num_tasks(hp, "exclusive_masks"),
+    )
+
+
+def _hft_optimizer(hp: Mapping[str, Any]) -> optax.GradientTransformation:
+    return cljax.hft(
+        optax.adam(hp["learning_rate"]),
+        fraction=_check_fraction("hft", "fraction", hp["fraction"]),
+        groups=_kernel_or_other,
+        seed=int(hp["seed"]),
+    )
+
+
+def _hft_start(state: TrainState, ctx: TaskContext) -> TrainState:
+    # A new stage per task: a fresh draw of the trained half (the transform's own draw, from a
+    # key fixed by run seed and task). The inner state of every leaf is kept ("keep").
+    fresh = cljax.hft(
+        optax.identity(),
+        fraction=float(ctx.hp["fraction"]),
+        groups=_kernel_or_other,
+        seed=_hook_key(ctx, 2),
+    ).init(state.params)
+    old = cljax.find_state(state.opt_state, cljax.HftState)
+    new = old._replace(key=fresh.key, selected=fresh.selected)
+    return state._replace(opt_state=cljax.replace_state(state.opt_state, new))
+
+
+def _spu_optimizer(hp: Mapping[str, Any]) -> optax.GradientTransformation:
+    _check_fraction("spu", "density", hp["density"])
+    _check_fraction("spu", "score_fraction", hp["score_fraction"])
+    _check_examples("spu", "score_batch_size", hp["score_batch_size"])
+    return cljax.spu(
+        optax.adam(hp["learning_rate"]), targets=_kernel_flags, train_fully=_other_flags
+    )
+
+
+def _logit_norm_grads(params, x, *, apply):
+    """Gradient of ``sum_i ||f(x_i)||^2`` over a batch: SPU's label-free importance term."""
+    return jax.grad(lambda p: jnp.sum(jnp.square(apply(p, x).astype(_F32))))(params)
+
+
+_logit_norm_grads_jit = jax.jit(_logit_norm_grads, static_argnames=("apply",))
+
+
+def _spu_start(state: TrainState, ctx: TaskContext) -> TrainState:
+    # The importance of the model about to train, summed (signed) over `score_fraction` of the
+    # task's training set in fixed-size batches, then the top `density` of |A| per kernel.
+    size = int(ctx.hp["score_batch_size"])
+    n = len(ctx.task.x_train)
+    num_batches = max(1, round(float(ctx.hp["score_fraction"]) * n / size))
+    importance = None
+    for x, _ in ctx.batches(size, num_batches, seed=7):
+        grads = _logit_norm_grads_jit(state.params, jnp.asarray(x), apply=ctx.fns.apply)
+        importance = cljax.spu_accumulate(importance, grads)
+    opt_state = cljax.spu_set_task(state.opt_state, importance, density=float(ctx.hp["density"]))
+    return state._replace(opt_state=opt_state)
+
+
+def _galore_optimizer(hp: Mapping[str, Any]) -> optax.GradientTransformation:
+    _check_examples("galore", "rank", hp["rank"])
+    _check_examples("galore", "refresh_every", hp["refresh_every"])
+
+    def kernels(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, p: _kernel_spec(_path_name(path), jnp.shape(p)), params
+        )
+
+    return cljax.galore_adamw(
+        hp["learning_rate"],
+        rank=int(hp["rank"]),
+        refresh_every=int(hp["refresh_every"]),
+        scale=hp["scale"],
+        matrix_spec=kernels,
+    )
+
+
 def _build_methods() -> dict[str, Method]:
     m: dict[str, Method] = {}
     m["naive"] = Method(
@@ -930,6 +1168,55 @@ def _build_methods() -> dict[str, Method]:
         defaults={"replacement_rate": 1e-4, "maturity": 100, "decay": 0.99},
         step_extras=_cbp_extras,
         references='Dohare et al., "Loss of plasticity in deep continual learning", Nature 2024',
+    )
+    # Sparse masks and low-rank projections. LISA (cljax.lisa) is not registered: it samples
+    # layers of a stacked ``(N_L, ...)`` leaf, and these models keep each layer in its own leaves
+    # (the MLP's layers even differ in shape).
+    m["exclusive_masks"] = Method(
+        "ExSSNeT: per task, an edge-popup supermask; only weights no earlier task uses train.",
+        _exclusive_optimizer,
+        defaults={
+            "density": 0.1,
+            "mask_steps": 50,
+            "mask_batch_size": 32,
+            "mask_learning_rate": 0.1,
+        },
+        init_extra=lambda params, hp: params,
+        on_task_start=_exclusive_start,
+        on_task_end=_exclusive_end,
+        task_eval_params=_exclusive_eval,
+        cl_state_types=(cljax.ExclusiveMasksState,),
+        references=(
+            'Yadav and Bansal, "Exclusive Supermask Subnetwork Training for Continual Learning", '
+            "Findings of ACL 2023"
+        ),
+    )
+    m["hft"] = Method(
+        "Half fine-tuning: per task, a random half of the kernels and of the biases trains (cljax.hft).",
+        _hft_optimizer,
+        defaults={"fraction": 0.5},
+        on_task_start=_hft_start,
+        references='Hui et al., "HFT: Half Fine-Tuning for Large Language Models", 2024',
+    )
+    m["spu"] = Method(
+        "SPU: per task, the top 10% of each kernel by |sum of logit-norm gradients| trains (cljax.spu).",
+        _spu_optimizer,
+        defaults={"density": 0.1, "score_fraction": 0.25, "score_batch_size": 32},
+        on_task_start=_spu_start,
+        cl_state_types=(cljax.SpuState,),
+        references=(
+            'Zhang et al., "Overcoming Generic Knowledge Loss with Selective Parameter Update", '
+            "CVPR 2024"
+        ),
+    )
+    m["galore"] = Method(
+        "GaLore-AdamW: Adam on rank-32 projections of each kernel's gradient (cljax.galore_adamw).",
+        _galore_optimizer,
+        defaults={"learning_rate": 0.01, "rank": 32, "refresh_every": 200, "scale": 0.25},
+        references=(
+            'Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection", '
+            "ICML 2024"
+        ),
     )
     return m
 

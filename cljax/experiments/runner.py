@@ -194,7 +194,7 @@ class _Compiled(NamedTuple):
     graphdef: Any
     loss: Callable  # (params, x, y, w) -> weighted mean loss (traced inside the train step)
     fns: ModelFunctions
-    evaluate: Callable  # (params, x, y, mask, class_mask) -> dict of per-task results
+    evaluate: Callable  # (params, x, y, mask, class_mask, task_params) -> per-task results
 
 
 def _freeze(value: Any) -> Any:
@@ -219,13 +219,16 @@ def _build_compiled(f: Functional, graphdef: Any = None) -> _Compiled:
         one = lambda xi, yi: jax.grad(loss)(params, xi[None], yi[None], jnp.ones((1,), _F32))  # noqa: E731
         return jax.vmap(one)(x, y)
 
-    def evaluate(params, x, y, mask, class_mask):
+    def evaluate(params, x, y, mask, class_mask, task_params=None):
+        # `task_params` (leaves ``(T, ...)``): task t's Task-IL accuracy uses its own parameters
+        # (a per-task mask); every other number uses `params`.
         def one(args):
-            xt, yt, mt, ct = args
+            xt, yt, mt, ct, pt = args
             logits = f.apply(params, xt).astype(_F32)
             ce = optax.softmax_cross_entropy_with_integer_labels(logits, yt)
             allowed = ct.reshape((1,) * (logits.ndim - 1) + ct.shape)
-            masked = jnp.where(allowed, logits, -jnp.inf)
+            task_logits = logits if pt is None else f.apply(pt, xt).astype(_F32)
+            masked = jnp.where(allowed, task_logits, -jnp.inf)
             correct = jnp.argmax(logits, axis=-1) == yt
             correct_task = jnp.argmax(masked, axis=-1) == yt
             m = jnp.broadcast_to(mt.reshape(mt.shape + (1,) * (yt.ndim - 1)), yt.shape).astype(_F32)
@@ -237,7 +240,7 @@ def _build_compiled(f: Functional, graphdef: Any = None) -> _Compiled:
                 correct,
             )
 
-        acc, acc_task, loss_, correct = jax.lax.map(one, (x, y, mask, class_mask))
+        acc, acc_task, loss_, correct = jax.lax.map(one, (x, y, mask, class_mask, task_params))
         return {"acc": acc, "acc_task": acc_task, "loss": loss_, "correct": correct}
 
     def example_loss(params, example):
@@ -560,7 +563,8 @@ def _run(config, spec, stream, T, hp, counters, checkpoint_dir, resume, stop_aft
 
     def evaluate(s: TrainState, x, y, mask, class_mask) -> dict:
         params = spec.eval_params(s, hp) if spec.eval_params is not None else s.params
-        return compiled.evaluate(params, x, y, mask, class_mask)
+        per_task = spec.task_eval_params(s, hp) if spec.task_eval_params is not None else None
+        return compiled.evaluate(params, x, y, mask, class_mask, per_task)
 
     full_host = _stack_tests(stream, None, config.devices)
     full = [jax.device_put(a, batch_sharding) for a in full_host[:3]]
