@@ -759,9 +759,6 @@ def _edge_popup(weights, scores, xs, ys, learning_rate, *, loss, density: float)
     )
 
 
-_edge_popup_jit = jax.jit(_edge_popup, static_argnames=("loss", "density"))
-
-
 def _exclusive_optimizer(hp: Mapping[str, Any]) -> optax.GradientTransformation:
     _check_fraction("exclusive_masks", "density", hp["density"])
     _check_examples("exclusive_masks", "mask_steps", hp["mask_steps"])

@@ -50,6 +50,11 @@ def test_every_registered_method_builds_and_evaluates(name):
     if method.eval_params is not None:
         evaluated = jax.jit(lambda s: method.eval_params(s, hp))(state)
         assert jax.tree.structure(evaluated) == jax.tree.structure(MLP_PARAMS)
+    if method.task_eval_params is not None:  # one model per task: leaves (T, ...)
+        per_task = jax.jit(lambda s: method.task_eval_params(s, hp))(state)
+        assert jax.tree.structure(per_task) == jax.tree.structure(MLP_PARAMS)
+        for a, p in zip(jax.tree.leaves(per_task), jax.tree.leaves(MLP_PARAMS), strict=True):
+            assert a.shape == (3, *p.shape)
     assert method.summary and method.references
     # Every declared CL sub-state is in the optimizer state.
     for kind in method.cl_state_types:
@@ -477,10 +482,15 @@ def test_si_hook_turns_the_path_integral_into_importance():
     x, y = _data(8)
     method, state, ctx = _setup("si", f.params, fns, x, y)
     params, opt_state = f.params, state.opt_state
-    for _ in range(3):
+
+    @jax.jit
+    def step(params, opt_state):
         grads = jax.grad(loss_fn)(params, jnp.asarray(x), jnp.asarray(y), jnp.ones(8))
         updates, opt_state = ctx.tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        return optax.apply_updates(params, updates), opt_state
+
+    for _ in range(3):
+        params, opt_state = step(params, opt_state)
     si = cljax.find_state(opt_state, cljax.SiState)
     out = method.on_task_end(state._replace(params=params, opt_state=opt_state), ctx)
     new = cljax.find_state(out.opt_state, cljax.SiState)
@@ -648,7 +658,7 @@ def test_gem_extras_pass_every_task_slot_and_the_task_count():
     f, loss_fn, _ = _linear_model()
     buf = Rp.buffer_init(6, jnp.zeros(5), jnp.zeros((), jnp.int32), num_tasks=3)
     ctx = Me.StepContext(f.params, None, None, jnp.int32(2), jax.random.key(0), buf, loss_fn, {}, 3)
-    extras = Me.METHODS["gem"].step_extras(ctx)
+    extras = jax.jit(lambda: Me.METHODS["gem"].step_extras(ctx))()
     assert extras["task_grads"]["head"]["kernel"].shape == (3, 5, 3)
     assert int(extras["num_tasks"]) == 2
 
@@ -694,6 +704,137 @@ def test_regularizer_and_projection_methods_validate_their_settings():
 
 
 # ---------------------------------------------------------------------------------------------
+# Sparse masks and low-rank projections.
+
+
+def test_exclusive_masks_hooks_write_back_only_the_exclusive_entries_and_evaluate_per_task():
+    # Two tasks with hand-set masks M_0, M_1 (the edge-popup phase is covered by the slow runs):
+    # after each task W changes only on M_t & ~U, and task j is evaluated with W * M_j.
+    params = MLP_PARAMS
+    hp = _hp("exclusive_masks")
+    method = Me.METHODS["exclusive_masks"]
+    state, tx = _state(params, method, hp)
+    rng = np.random.default_rng(8)
+    W = {k: np.asarray(v, np.float64) for k, v in _flat(params).items()}
+    masks, evaluated = [], None
+    for t in range(2):
+        m = {k: rng.random(v.shape) < 0.5 for k, v in W.items()}
+        m = {k: (v if k.endswith("kernel") else np.ones_like(v)) for k, v in m.items()}
+        masks.append(m)
+        opt_state = cljax.exclusive_masks_start_task(state.opt_state, _unflat(m, params))
+        weights = state.extra
+        trained = jax.tree.map(  # training moved every entry of the network W * M_t by +1
+            lambda w, mk: jnp.where(mk, w + 1.0, 0.0), weights, _unflat(m, params)
+        )
+        state = state._replace(params=trained, opt_state=opt_state)
+        state = method.on_task_end(state, _ctx(t, tx, hp))
+        union = {k: np.zeros(v.shape, bool) for k, v in W.items()}
+        for mj in masks[:-1]:
+            union = {k: union[k] | mj[k] for k in W}
+        W = {k: np.where(m[k] & ~union[k], W[k] + 1.0, W[k]) for k in W}
+        got = _flat(state.extra)
+        for k in W:
+            np.testing.assert_allclose(got[k], W[k], rtol=1e-6)
+        evaluated = method.task_eval_params(state, hp)
+    per_task = _flat(evaluated)
+    for k in W:
+        for j in range(2):
+            np.testing.assert_allclose(per_task[k][j], np.where(masks[j][k], W[k], 0.0), rtol=1e-6)
+        # Task 2 is not committed: evaluated with the trained parameters.
+        np.testing.assert_array_equal(per_task[k][2], _flat(state.params)[k])
+
+
+def _flat(tree):
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(p, simple=True, separator="/"): np.asarray(v) for p, v in leaves}
+
+
+def _unflat(flat, like):
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: jnp.asarray(flat[jax.tree_util.keystr(p, simple=True, separator="/")]), like
+    )
+
+
+def test_hft_hook_redraws_half_of_each_group_per_task():
+    f = functional(build_model("mlp", (5,), 3, seed=0, hidden=(4, 4)))  # 3 kernels, 3 biases
+    method, state, ctx = _setup("hft", f.params, None, *_data(4))
+    names = list(_flat(f.params))
+    kernel = np.array([n.endswith("kernel") for n in names])
+    draws = []
+    for t in (0, 1, 2, 0):
+        out = method.on_task_start(state, ctx._replace(task_id=t))
+        selected = np.asarray(cljax.find_state(out.opt_state, cljax.HftState).selected)
+        assert selected[kernel].sum() == 2 and selected[~kernel].sum() == 2  # ceil(0.5 * 3)
+        draws.append(tuple(selected))
+    assert draws[3] == draws[0]  # fixed by (seed, task)
+    assert len(set(draws)) > 1
+    # A step moves exactly the selected leaves.
+    grads = jax.tree.map(jnp.ones_like, f.params)
+    updates, _ = ctx.tx.update(grads, out.opt_state, f.params)
+    moved = [bool(np.any(np.asarray(u) != 0)) for u in jax.tree.leaves(updates)]
+    assert moved == list(selected)
+
+
+def test_spu_hook_masks_the_top_entries_of_the_summed_logit_norm_gradient():
+    f, _, fns = _linear_model()
+    x, y = _data(40, seed=9)
+    over = {"spu.density": 0.4, "spu.score_fraction": 0.5, "spu.score_batch_size": 10}
+    method, state, ctx = _setup("spu", f.params, fns, x, y, **over)
+    out = method.on_task_start(state, ctx)
+    # Reference: A = sum_i d||x_i W + b||^2 / dW = sum_i 2 x_i f_i^T over the 20 scored examples
+    # (2 batches of 10 = 0.5 * 40), then the top floor(0.4 * 15) = 6 entries of |A|.
+    xs = np.concatenate([xb for xb, _ in ctx.batches(10, 2, seed=7)])
+    z, _ = _linear_ref(f.params, xs)
+    A = 2 * xs.astype(np.float64).T @ z
+    ref = np.zeros(A.size, bool)
+    ref[np.argsort(-np.abs(A).ravel(), kind="stable")[:6]] = True
+    grads = jax.tree.map(jnp.ones_like, f.params)
+    updates, _ = ctx.tx.update(grads, out.opt_state, f.params)
+    kernel = np.asarray(updates["head"]["kernel"]) != 0
+    np.testing.assert_array_equal(kernel.ravel(), ref)
+    assert np.all(np.asarray(updates["head"]["bias"]) != 0)  # trained fully
+
+
+def test_galore_entry_is_galore_adamw_on_the_kernels():
+    hp = _hp("galore", **{"galore.rank": 2})
+    tx = Me.METHODS["galore"].optimizer(hp)
+    direct = cljax.galore_adamw(0.01, rank=2, refresh_every=200, scale=0.25)
+    grads = jax.tree.map(
+        lambda p: jnp.cos(jnp.arange(p.size, dtype=jnp.float32)).reshape(p.shape), MLP_PARAMS
+    )
+    step = jax.jit(lambda t: t.update(grads, t.init(MLP_PARAMS), MLP_PARAMS)[0], static_argnums=0)
+    got, want = step(tx), step(direct)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+    # The (5, 4) kernel's update has rank 2.
+    assert np.linalg.matrix_rank(np.asarray(got["layers"][0]["kernel"], np.float64), tol=1e-7) == 2
+
+
+def test_sparse_and_low_rank_methods_validate_their_settings():
+    with pytest.raises(ValueError, match="'density' must be in"):
+        Me.METHODS["exclusive_masks"].optimizer(_hp("exclusive_masks", **{"density": 0.0}))
+    with pytest.raises(ValueError, match="'mask_steps' must be an int >= 1"):
+        Me.METHODS["exclusive_masks"].optimizer(_hp("exclusive_masks", **{"mask_steps": 0}))
+    with pytest.raises(ValueError, match="'mask_batch_size' must be an int >= 1"):
+        Me.METHODS["exclusive_masks"].optimizer(_hp("exclusive_masks", **{"mask_batch_size": 1.5}))
+    no_tasks = {k: v for k, v in _hp("exclusive_masks").items() if k != "num_tasks"}
+    with pytest.raises(ValueError, match="needs 'num_tasks'"):
+        Me.METHODS["exclusive_masks"].optimizer(no_tasks)
+    with pytest.raises(ValueError, match="'fraction' must be in"):
+        Me.METHODS["hft"].optimizer(_hp("hft", **{"fraction": 1.5}))
+    with pytest.raises(ValueError, match="'density' must be in"):
+        Me.METHODS["spu"].optimizer(_hp("spu", **{"density": True}))
+    with pytest.raises(ValueError, match="'score_fraction' must be in"):
+        Me.METHODS["spu"].optimizer(_hp("spu", **{"score_fraction": -0.1}))
+    with pytest.raises(ValueError, match="'score_batch_size' must be an int >= 1"):
+        Me.METHODS["spu"].optimizer(_hp("spu", **{"score_batch_size": 0}))
+    with pytest.raises(ValueError, match="'rank' must be an int >= 1"):
+        Me.METHODS["galore"].optimizer(_hp("galore", **{"rank": 0}))
+    with pytest.raises(ValueError, match="'refresh_every' must be an int >= 1"):
+        Me.METHODS["galore"].optimizer(_hp("galore", **{"refresh_every": None}))
+
+
+# ---------------------------------------------------------------------------------------------
 # Slow: every regulariser, projection and plasticity method through the runner, tiny budgets.
 
 CL_METHODS = (
@@ -709,6 +850,10 @@ CL_METHODS = (
     "osft",
     "shrink_perturb",
     "cbp",
+    "exclusive_masks",
+    "hft",
+    "spu",
+    "galore",
 )
 # Continual backprop replaces units only after `maturity` steps: make it happen in a tiny run.
 _TINY = {"cbp": {"cbp.maturity": 1, "cbp.replacement_rate": 0.5}}
@@ -733,7 +878,19 @@ def test_method_runs_five_tasks_and_its_hooks_never_recompile(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["ewc", "mas", "gpm", "gem"])
+def test_exclusive_masks_never_forget_under_task_incremental_evaluation():
+    # Earlier tasks' subnetworks W * M_j never change: their Task-IL accuracy after every later
+    # task equals its value when learned, exactly (the card's zero-forgetting invariant).
+    r = run(small_config("exclusive_masks", num_tasks=5))
+    R = np.asarray(r["R"]["task"])
+    for j in range(5):
+        np.testing.assert_array_equal(R[j:, j], R[j, j])
+    assert r["metrics"]["task"]["bwt"] == 0.0
+    assert r["memory"]["cl_memory"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ewc", "mas", "gpm", "gem", "exclusive_masks", "galore"])
 def test_method_runs_on_a_domain_incremental_stream(name):
     cfg = make_config(
         "split-digits-domain", name, num_tasks=5, steps_per_task=6, eval_every=3, eval_subsample=100
@@ -744,7 +901,7 @@ def test_method_runs_on_a_domain_incremental_stream(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["gpm", "osft", "ewc"])
+@pytest.mark.parametrize("name", ["gpm", "osft", "ewc", "exclusive_masks", "spu", "galore"])
 def test_projections_handle_convolution_kernels(name):
     r = run(small_config(name, num_tasks=5, model="cnn"))
     assert r["complete"] and _finite(r)
@@ -764,7 +921,7 @@ _TINY_LM = Benchmark(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["ewc", "mas", "si", "gpm", "osft"])
+@pytest.mark.parametrize("name", ["ewc", "mas", "si", "gpm", "osft", "spu", "hft", "galore"])
 def test_method_runs_on_a_language_model_stream(name):
     # Per-position labels: EWC's true Fisher samples a label per position.
     over = {"fisher_examples": 16, "importance_examples": 16, "activation_examples": 8}
@@ -789,7 +946,7 @@ def test_gpm_keeps_task_incremental_accuracy_where_naive_forgets():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["ewc", "l2", "gpm", "agem", "osft"])
+@pytest.mark.parametrize("name", ["ewc", "l2", "gpm", "agem", "osft", "exclusive_masks", "hft"])
 def test_resuming_after_a_boundary_equals_an_uninterrupted_run(name, tmp_path):
     # The checkpoint holds the consolidated / grown CL memory (anchors, injected strengths,
     # bases, the buffer): resuming from it gives the uninterrupted run's numbers.
