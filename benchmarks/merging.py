@@ -228,23 +228,21 @@ def main(argv: list[str] | None = None) -> None:
     print(header(args, n_params, n_leaves), flush=True)
     input_bytes = N_TASKS * tree_bytes(tvs[0])
 
-    rows = []
+    # Each row is printed as soon as it is measured, so that a long run keeps what it has done.
+    print()
+    print(
+        f"| merge of {N_TASKS} task vectors | options | first call s (incl. compile) | "
+        "median s | input GB/s |"
+    )
+    print("|---|---|---:|---:|---:|", flush=True)
     for name in names:
         fn, extra, note = MERGES[name]
         print(f"  {name} ...", file=sys.stderr, flush=True)
         first, median, out = timed(fn, tvs, *extra, repeats=args.repeats)
         delete(out)
         gc.collect()
-        rows.append((name, note, first, median, input_bytes / median / 1e9))
-
-    print()
-    print(
-        f"| merge of {N_TASKS} task vectors | options | first call s (incl. compile) | "
-        "median s | input GB/s |"
-    )
-    print("|---|---|---:|---:|---:|")
-    for name, note, first, median, gbps in rows:
-        print(f"| {name} | {note} | {first:.2f} | {median:.3f} | {gbps:.2f} |")
+        gbps = input_bytes / median / 1e9
+        print(f"| {name} | {note} | {first:.2f} | {median:.3f} | {gbps:.2f} |", flush=True)
 
     # ComPEFT on one task vector.
     one = tvs[0]
