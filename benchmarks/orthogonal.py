@@ -32,7 +32,6 @@ import argparse
 import gc
 import statistics
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -153,25 +152,6 @@ def make_entries(
     return entries
 
 
-def runner(
-    name: str, tx: Any, prepare: Callable, extra: Callable, params: Any, grads: Any
-) -> _st.Runner:
-    extra_args = extra()
-
-    def step(params, state, grads, extra_args):
-        updates, state = tx.update(grads, state, params, **extra_args)
-        return optax.apply_updates(params, updates), state
-
-    own = jax.tree.map(jnp.copy, params)
-    state = prepare(jax.jit(tx.init)(own))
-    traffic = 2 * _st.tree_bytes(own) + _st.tree_bytes(grads) + 2 * _st.tree_bytes(state)
-    r = _st.Runner(
-        name, jax.jit(step, donate_argnums=(0, 1)), (own, state), (grads, extra_args), traffic
-    )
-    r.state_bytes = _st.tree_bytes(state)
-    return r
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=20, help="timed rounds (default 20)")
@@ -211,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
 
     runners = [_st.copy_runner(params)]
     for name, (tx, prepare, extra, memory) in entries.items():
-        r = runner(name, tx, prepare, extra, params, grads)
+        r = _st.prepared_runner(name, tx, prepare, extra, params, grads)
         r.memory_per_task = memory(r.carry[1])
         runners.append(r)
         gc.collect()

@@ -140,25 +140,6 @@ def make_entries(params: Any, capacities: list[int]) -> dict[str, tuple[Any, Cal
     return entries
 
 
-def runner(
-    name: str, tx: Any, prepare: Callable, extra: Callable, params: Any, grads: Any
-) -> _st.Runner:
-    extra_args = extra()
-
-    def step(params, state, grads, extra_args):
-        updates, state = tx.update(grads, state, params, **extra_args)
-        return optax.apply_updates(params, updates), state
-
-    own = jax.tree.map(jnp.copy, params)
-    state = prepare(jax.jit(tx.init)(own))
-    traffic = 2 * _st.tree_bytes(own) + _st.tree_bytes(grads) + 2 * _st.tree_bytes(state)
-    r = _st.Runner(
-        name, jax.jit(step, donate_argnums=(0, 1)), (own, state), (grads, extra_args), traffic
-    )
-    r.state_bytes = _st.tree_bytes(state)
-    return r
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=20, help="timed rounds (default 20)")
@@ -194,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
 
     runners = [_st.copy_runner(params)]
     for name, (tx, prepare, extra) in entries.items():
-        runners.append(runner(name, tx, prepare, extra, params, grads))
+        runners.append(_st.prepared_runner(name, tx, prepare, extra, params, grads))
         gc.collect()
     resident = _st.tree_bytes(grads) + sum(_st.tree_bytes(r.carry) for r in runners)
     print(_st.header(args, n_params, len(jax.tree.leaves(params)), resident), flush=True)

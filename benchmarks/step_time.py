@@ -142,6 +142,27 @@ def optimizer_runner(name: str, params: Any, grads: Any) -> Runner:
     )
 
 
+def prepared_runner(
+    name: str, tx: Any, prepare: Callable, extra: Callable, params: Any, grads: Any
+) -> Runner:
+    """A runner for `tx` whose state is `prepare`d (task memory filled) before timing, with
+    ``extra()`` passed as keyword extra args every step; records the state's bytes."""
+    extra_args = extra()
+
+    def step(params, state, grads, extra_args):
+        updates, state = tx.update(grads, state, params, **extra_args)
+        return optax.apply_updates(params, updates), state
+
+    own = jax.tree.map(jnp.copy, params)
+    state = prepare(jax.jit(tx.init)(own))
+    traffic = 2 * tree_bytes(own) + tree_bytes(grads) + 2 * tree_bytes(state)
+    r = Runner(
+        name, jax.jit(step, donate_argnums=(0, 1)), (own, state), (grads, extra_args), traffic
+    )
+    r.state_bytes = tree_bytes(state)
+    return r
+
+
 def copy_runner(params: Any) -> Runner:
     def step(x):
         return (jax.tree.map(lambda a: a + 1.0, x),)
