@@ -15,10 +15,19 @@ from tests.conformance import (
     cases_orthogonal,
     cases_regularizers,
     cases_sparse,
+    cases_sparse_structured,
 )
 from tests.conformance.case import Case
 
-_FAMILIES = (cases_cautious, cases_low_rank, cases_merging, cases_orthogonal, cases_regularizers, cases_sparse)
+_FAMILIES = (
+    cases_cautious,
+    cases_low_rank,
+    cases_merging,
+    cases_orthogonal,
+    cases_regularizers,
+    cases_sparse,
+    cases_sparse_structured,
+)
 
 # Public names of `cljax` outside any family: pytree and sharding helpers.
 _HELPERS = frozenset(
