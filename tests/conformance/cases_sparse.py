@@ -1,4 +1,5 @@
-"""Conformance cases of the sparse family (SP-01 … SP-07, SP-09, SP-10) and its optimizers.
+"""Conformance cases of the sparse family (SP-01 … SP-07, SP-09, SP-10, SP-14 … SP-16, SP-19,
+SP-22, SP-23) and its optimizers.
 
 Masks are built for the suite's 4-leaf parameter tree (``scalar ()``, ``vec (8,)``, ``mat (8, 4)``,
 ``stack (2, 8, 4)``); masks and other structural arguments are listed in `static_args`.
@@ -12,6 +13,7 @@ import numpy as np
 import optax
 
 import cljax
+from cljax.transforms.sparse import layer_importance, selection, slow_learner
 from tests.conformance.case import Case
 
 
@@ -130,6 +132,72 @@ CASES: dict[str, Case] = {
         needs_params=True,
         strict_dtypes=True,
     ),
+    # SP-14 MIGU: per-unit activations for the matrix and the stack (Flax layout, output axis -1).
+    "migu": Case(
+        selection.migu,
+        {"inner": optax.adamw(1e-2, weight_decay=1e-2), "threshold": 0.5},
+        static_args=("output_axis", "axis_name"),
+        needs_params=True,
+        extra_args={
+            "activations": {
+                "vec": jnp.linspace(0.0, 1.0, 8),
+                "mat": jnp.asarray([0.3, 0.1, 0.4, 0.2]),
+                "stack": jnp.asarray([[0.5, 0.2, 0.1, 0.9], [0.0, 0.0, 0.0, 0.0]]),
+            }
+        },
+    ),
+    # SP-22: "scalar" frozen as an embedding, "vec" is block 0, the stack holds blocks 1 and 2,
+    # "mat" is block 3; the first two blocks are frozen.
+    "freeze_bottom_layers": Case(
+        selection.freeze_bottom_layers,
+        {
+            "inner": optax.adamw(1e-2, weight_decay=1e-2),
+            "num_frozen": 2,
+            "depth": cljax.label_by_path({0: "vec", 3: "mat"}, default=1),
+            "stacked": cljax.select("stack"),
+            "embeddings": cljax.select("scalar"),
+        },
+        static_args=("num_frozen", "depth", "stacked", "embeddings"),
+        needs_params=True,
+    ),
+    # SP-15: the top two of four layers ("a" and the stack's second row) train.
+    "surgical_fine_tuning": Case(
+        selection.surgical_fine_tuning,
+        {
+            "inner": optax.adam(1e-2),
+            "scores": {"a": 3.0, "b": 1.0, ("s", 0): 0.5, ("s", 1): 2.0},
+            "num_layers": 2,
+            "layers": cljax.label_by_path(
+                {"a": "scalar|vec", "b": "mat", "s": "stack"}, default=None
+            ),
+            "stacked": cljax.select("stack"),
+        },
+        static_args=("scores", "num_layers", "layers", "stacked"),
+    ),
+    # SP-16: FPF on two modules.
+    "fpf": Case(
+        selection.fpf,
+        {"inner": optax.sgd(1e-2, momentum=0.9), "modules": cljax.select("vec|stack")},
+        static_args=("modules",),
+    ),
+    # SP-23 SLCA: "mat" is the head; the other leaves learn at a tenth of its rate.
+    "slca": Case(
+        slow_learner.slca,
+        {"inner": optax.sgd(1e-2, momentum=0.9), "head": cljax.select("mat"), "ratio": 0.1},
+        static_args=("head",),
+    ),
+    # SP-19 IST: one of the stack's two layers trains per step, drawn by the layer scores.
+    "ist": Case(
+        layer_importance.ist,
+        {
+            "inner": optax.adam(1e-2),
+            "layers": cljax.select("stack"),
+            "num_active": 1,
+            "num_layers": 2,
+            "seed": 3,
+        },
+        static_args=("layers", "num_active", "num_layers", "interval", "seed"),
+    ),
 }
 
 # Public names of the family that are not transform factories (states, pure functions, helpers).
@@ -163,5 +231,18 @@ NOT_TRANSFORMS: frozenset[str] = frozenset(
         "straight_through_mask",
         "topk_mask",
         "uniform_densities",
+        "FpfState",
+        "FreezeBottomLayersState",
+        "MiguState",
+        "SurgicalFineTuningState",
+        "surgical_layer_scores",
+        "SlcaClassStats",
+        "SlcaState",
+        "slca_init_stats",
+        "slca_sample_features",
+        "slca_update_stats",
+        "IstState",
+        "ist_sample_suppressed",
+        "ist_update_importance",
     }
 )

@@ -22,6 +22,10 @@ from cljax.transforms.sparse.dynamic import MagnitudePruningState as MagnitudePr
 from cljax.transforms.sparse.dynamic import SetRiglState as SetRiglState
 from cljax.transforms.sparse.dynamic import magnitude_pruning as magnitude_pruning
 from cljax.transforms.sparse.dynamic import set_rigl as set_rigl
+from cljax.transforms.sparse.layer_importance import IstState as IstState
+from cljax.transforms.sparse.layer_importance import ist as ist
+from cljax.transforms.sparse.layer_importance import ist_sample_suppressed as ist_sample_suppressed
+from cljax.transforms.sparse.layer_importance import ist_update_importance as ist_update_importance
 from cljax.transforms.sparse.mask_updates import MaskUpdatesState as MaskUpdatesState
 from cljax.transforms.sparse.mask_updates import mask_updates as mask_updates
 from cljax.transforms.sparse.mask_updates import mask_updates_densify as mask_updates_densify
@@ -39,6 +43,21 @@ from cljax.transforms.sparse.sampling import LisaState as LisaState
 from cljax.transforms.sparse.sampling import hft as hft
 from cljax.transforms.sparse.sampling import hft_half_reset as hft_half_reset
 from cljax.transforms.sparse.sampling import lisa as lisa
+from cljax.transforms.sparse.selection import FpfState as FpfState
+from cljax.transforms.sparse.selection import FreezeBottomLayersState as FreezeBottomLayersState
+from cljax.transforms.sparse.selection import MiguState as MiguState
+from cljax.transforms.sparse.selection import SurgicalFineTuningState as SurgicalFineTuningState
+from cljax.transforms.sparse.selection import fpf as fpf
+from cljax.transforms.sparse.selection import freeze_bottom_layers as freeze_bottom_layers
+from cljax.transforms.sparse.selection import migu as migu
+from cljax.transforms.sparse.selection import surgical_fine_tuning as surgical_fine_tuning
+from cljax.transforms.sparse.selection import surgical_layer_scores as surgical_layer_scores
+from cljax.transforms.sparse.slow_learner import SlcaClassStats as SlcaClassStats
+from cljax.transforms.sparse.slow_learner import SlcaState as SlcaState
+from cljax.transforms.sparse.slow_learner import slca as slca
+from cljax.transforms.sparse.slow_learner import slca_init_stats as slca_init_stats
+from cljax.transforms.sparse.slow_learner import slca_sample_features as slca_sample_features
+from cljax.transforms.sparse.slow_learner import slca_update_stats as slca_update_stats
 from cljax.transforms.sparse.weights import MaskedDecayState as MaskedDecayState
 from cljax.transforms.sparse.weights import masked_decay as masked_decay
 from cljax.transforms.sparse.weights import masked_merge as masked_merge
@@ -47,21 +66,33 @@ from cljax.transforms.sparse.weights import straight_through_mask as straight_th
 
 __all__ = [
     "ExclusiveMasksState",
+    "FpfState",
+    "FreezeBottomLayersState",
     "HftState",
+    "IstState",
     "LisaState",
     "MagnitudePruningState",
     "MaskUpdatesState",
     "MaskedDecayState",
+    "MiguState",
     "SetRiglState",
+    "SlcaClassStats",
+    "SlcaState",
     "SpuState",
+    "SurgicalFineTuningState",
     "erk_densities",
     "exclusive_masks",
     "exclusive_masks_commit_task",
     "exclusive_masks_lookup",
     "exclusive_masks_start_task",
+    "fpf",
+    "freeze_bottom_layers",
     "gradual_pruning_schedule",
     "hft",
     "hft_half_reset",
+    "ist",
+    "ist_sample_suppressed",
+    "ist_update_importance",
     "lisa",
     "magnitude_mask",
     "magnitude_pruning",
@@ -71,15 +102,22 @@ __all__ = [
     "mask_updates_set",
     "masked_decay",
     "masked_merge",
+    "migu",
     "nm_mask",
     "random_mask",
     "set_rigl",
+    "slca",
+    "slca_init_stats",
+    "slca_sample_features",
+    "slca_update_stats",
     "sparse_soup",
     "spu",
     "spu_accumulate",
     "spu_set_task",
     "straight_through_mask",
     "supermask",
+    "surgical_fine_tuning",
+    "surgical_layer_scores",
     "topk_mask",
     "uniform_densities",
 ]
