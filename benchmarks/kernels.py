@@ -18,6 +18,11 @@ Efficiency is reported against measured ceilings, on the same device in the same
   the dense-equivalent ``2 T m n`` for SLTrain) divided by the step time, as a fraction of the rate
   of a square matmul in the same dtype.
 
+The ``transforms`` group times the transforms that call the kernels end to end (one optimizer
+update and apply on one leaf, ``impl='xla'`` against ``impl='pallas'``): `cautious_adamw`,
+`cwd_adamw`, `mask_updates` and `galore_adamw`. Their rows carry the dispatch op and key of the
+kernel they call, so a win there is a candidate entry for that op.
+
 On the CPU only the XLA reference is timed: Pallas runs there only in interpret mode, which is a
 test tool, not a performance path. The script prints a Markdown table for ``docs/benchmarks.md``
 and, on a GPU or TPU, the `cljax.kernels.Measurement` entries (shapes where the kernel won in
@@ -27,6 +32,7 @@ Usage:
     python benchmarks/kernels.py                 # full shapes (a GPU or TPU)
     python benchmarks/kernels.py --small         # small shapes, a quick check
     python benchmarks/kernels.py --only galore_adam_step --repeats 50 --json out.json
+    python benchmarks/kernels.py --only transforms   # the wired transforms, end to end
     python benchmarks/kernels.py --small --interpret  # CPU: also run the kernels (interpreted)
 """
 
@@ -45,7 +51,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
+import cljax
 from cljax import kernels
 
 
@@ -245,12 +253,81 @@ def sltrain_cases(small: bool) -> list[Case]:
     return cases
 
 
+def _optimizer_case(op, label, dtype, key, kind, work, make, params, grads) -> Case:
+    """A whole optimizer step, ``update`` then ``apply_updates``, with params and state donated.
+
+    `make(impl)` builds the optimizer; its state layout is the same for every `impl`.
+    """
+
+    def init(params=params):
+        fresh = jax.tree.map(jnp.copy, params)
+        return fresh, make("xla").init(fresh)
+
+    def step(impl):
+        opt = make(impl)
+
+        def run(fixed, state):
+            p, opt_state = state
+            u, opt_state = opt.update(fixed[0], opt_state, p)
+            return optax.apply_updates(p, u), opt_state
+
+        return run
+
+    return Case(op, label, jnp.dtype(dtype).name, key, kind, work, (grads,), init, step)
+
+
+def transform_cases(small: bool) -> list[Case]:
+    """The transforms that call the kernels, end to end on one leaf (``impl='xla'`` vs ``'pallas'``).
+
+    Each case's dispatch key is the key of the op the transform calls on that leaf, so a win here
+    is a candidate entry for that op at that key.
+    """
+    sizes = [2**16] if small else [2**20, 2**24]
+    galore = [(256, 512, 32)] if small else [(4096, 4096, 128), (4096, 11008, 1024)]
+    cases = []
+    for dtype in (jnp.float32, jnp.bfloat16):
+        item = jnp.dtype(dtype).itemsize
+        for size in sizes:
+            shape = (size // 1024, 1024)
+            k = jax.random.split(jax.random.key(6), 3)
+            params = {"w": _rand(k[0], shape, dtype)}
+            grads = {"w": _rand(k[1], shape, dtype)}
+            masks = {"w": jax.random.bernoulli(k[2], 0.5, shape)}
+            for name, factory in (
+                ("cautious_adamw", cljax.cautious_adamw),
+                ("cwd_adamw", cljax.cwd_adamw),
+            ):
+                cases.append(_optimizer_case(
+                    "adam_step", f"{name} step {shape}", dtype, (size,), "bytes", size * 7 * item,
+                    lambda impl, f=factory: f(1e-3, weight_decay=0.1, impl=impl), params, grads,
+                ))  # fmt: skip
+            cases.append(_optimizer_case(
+                "apply_packed_mask", f"mask_updates(adam) step {shape}", dtype, (size,), "bytes",
+                size * (7 * item + 2 / 8),
+                lambda impl, masks=masks: cljax.mask_updates(optax.adam(1e-3), masks, impl=impl),
+                params, grads,
+            ))  # fmt: skip
+        for m, n, r in galore:
+            k = jax.random.split(jax.random.key(7), 2)
+            params = {"w": _rand(k[0], (m, n), dtype)}
+            grads = {"w": _rand(k[1], (m, n), dtype)}
+            # One basis, built when the step compiles; the timed steps do not refresh it.
+            cases.append(_optimizer_case(
+                "galore_adam_step", f"galore_adamw step {m}x{n} r={r}", dtype, (m, n, r), "flops",
+                4.0 * m * n * r,
+                lambda impl, r=r: cljax.galore_adamw(1e-3, rank=r, refresh_every=2**30, impl=impl),
+                params, grads,
+            ))  # fmt: skip
+    return cases
+
+
 OPS = {
     "adam_step": adam_cases,
     "apply_packed_mask": packed_mask_cases,
     "nm_mask": nm_cases,
     "galore_adam_step": galore_cases,
     "sltrain_matmul": sltrain_cases,
+    "transforms": transform_cases,
 }
 
 
@@ -365,11 +442,11 @@ def main(argv: list[str] | None = None) -> None:
             ratio = f"{result['speedup']:.2f}" if "speedup" in result else "—"
             pallas_eff = f"{eff(result['pallas']):.2f}" if "pallas" in result else "—"
             print(
-                f"| {op} | {case.label} | {case.dtype} | {result['xla'] * 1e3:.3f} | {pallas_ms} | "
+                f"| {case.op} | {case.label} | {case.dtype} | {result['xla'] * 1e3:.3f} | {pallas_ms} | "
                 f"{ratio} | {eff(result['xla']):.2f} | {pallas_eff} |",
                 flush=True,
             )
-            rows.append({"op": op, "case": case.label, "dtype": case.dtype, "key": case.key,
+            rows.append({"group": op, "op": case.op, "case": case.label, "dtype": case.dtype, "key": case.key,
                          "kind": case.kind, "work": case.work, **result})  # fmt: skip
             if result.get("speedup", 0.0) > 1.0 and backend != "cpu":
                 measured.append((case, result))

@@ -6,8 +6,13 @@ from typing import Any, Literal
 
 import chex
 import jax
+import jax.numpy as jnp
 import optax
 
+from cljax import _checks
+from cljax.kernels import _adam_step as _kernel
+from cljax.kernels import _common as _kernel_common
+from cljax.kernels import _dispatch
 from cljax.transforms.cautious import (
     Normalization,
     _cautious_decay_leaf,
@@ -34,16 +39,29 @@ def cautious_adamw(
     nesterov: bool = False,
     normalization: Normalization = "mean_clamp",
     clamp: chex.Numeric = 1e-3,
+    impl: Literal["auto", "xla", "pallas"] = "auto",
 ) -> optax.GradientTransformationExtraArgs:
     """C-AdamW: AdamW whose Adam direction is masked where it disagrees with the gradient.
 
     ``chain(cautious(scale_by_adam(...)), add_decayed_weights(weight_decay, mask),
     scale_by_learning_rate(learning_rate))``: the decay is not masked, as in the paper.
 
+    With ``impl='pallas'`` each leaf's whole step (moments, cautious mask, decay, learning rate)
+    is one fused kernel, `cljax.kernels.adam_step`; the state is the chain's, so the two paths
+    can be swapped between steps. The kernel covers ``nesterov=False`` only.
+
     Args:
         learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask, nesterov: As in
             `optax.adamw`.
         normalization, clamp: As in `cljax.cautious`.
+        impl: ``'xla'``: the chain above. ``'pallas'``: the fused kernel on every leaf (on the
+            CPU in Pallas interpret mode, for tests); a ValueError with ``nesterov=True``.
+            ``'auto'`` (default): the kernel on the leaves where `cljax.kernels` holds a
+            measured win for the back end, dtype and size (none yet, so the chain everywhere).
+            Static.
+
+    Raises:
+        ValueError: an unknown `impl`, or ``impl='pallas'`` with ``nesterov=True``.
 
     Example:
         >>> opt = cljax.cautious_adamw(1e-3)
@@ -52,7 +70,7 @@ def cautious_adamw(
     References:
         Liang et al., "Cautious Optimizers: Improving Training with One Line of Code", 2024.
     """
-    return optax.chain(
+    chain = optax.chain(
         cautious(
             optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype, nesterov=nesterov),
             normalization=normalization,
@@ -64,6 +82,19 @@ def cautious_adamw(
         ),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
+    )
+    return _dispatched(
+        "cautious_adamw",
+        chain,
+        impl=impl,
+        nesterov=nesterov,
+        hyper=dict(b1=b1, b2=b2, eps=eps, eps_root=eps_root),
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        mask=mask,
+        cautious=normalization,
+        clamp=clamp,
+        cwd=False,
     )
 
 
@@ -108,15 +139,28 @@ def cwd_adamw(
     mask: Any = None,
     *,
     nesterov: bool = False,
+    impl: Literal["auto", "xla", "pallas"] = "auto",
 ) -> optax.GradientTransformationExtraArgs:
     """AdamW with Cautious Weight Decay: decay only where it agrees with the Adam direction.
 
     ``chain(scale_by_adam(...), add_cautious_weight_decay(weight_decay, mask),
     scale_by_learning_rate(learning_rate))``; with ``weight_decay=0`` it is `optax.adam`.
 
+    With ``impl='pallas'`` each leaf's whole step (moments, cautious decay, learning rate) is one
+    fused kernel, `cljax.kernels.adam_step`, on the same state. The kernel covers
+    ``nesterov=False`` only.
+
     Args:
         learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask, nesterov: As in
             `optax.adamw`.
+        impl: ``'xla'``: the chain above. ``'pallas'``: the fused kernel on every leaf (on the
+            CPU in Pallas interpret mode, for tests); a ValueError with ``nesterov=True``.
+            ``'auto'`` (default): the kernel on the leaves where `cljax.kernels` holds a
+            measured win for the back end, dtype and size (none yet, so the chain everywhere).
+            Static.
+
+    Raises:
+        ValueError: an unknown `impl`, or ``impl='pallas'`` with ``nesterov=True``.
 
     Example:
         >>> opt = cljax.cwd_adamw(1e-3, weight_decay=0.1)
@@ -125,9 +169,22 @@ def cwd_adamw(
         Chen et al., "Cautious Weight Decay", 2025. https://arxiv.org/abs/2510.12402
     """
     adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype, nesterov=nesterov)
-    return optax.chain(
+    chain = optax.chain(
         _with_cautious_decay(adam, weight_decay, mask, sign_from_mu=not nesterov),
         optax.scale_by_learning_rate(learning_rate),
+    )
+    return _dispatched(
+        "cwd_adamw",
+        chain,
+        impl=impl,
+        nesterov=nesterov,
+        hyper=dict(b1=b1, b2=b2, eps=eps, eps_root=eps_root),
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        mask=mask,
+        cautious=None,
+        clamp=1e-3,
+        cwd=True,
     )
 
 
@@ -178,6 +235,129 @@ def _with_cautious_decay(
         return out, state
 
     return optax.GradientTransformationExtraArgs(adam.init, update_fn)
+
+
+def _decay_flags(mask: Any, params: Any, treedef: Any) -> list:
+    """Per leaf of `treedef`: whether `mask` (a tree, prefix or function of params) decays it."""
+    if mask is None:
+        return [True] * treedef.num_leaves
+    where = mask(params) if callable(mask) else mask
+    full = jax.tree.map(
+        lambda on, sub: jax.tree.map(lambda _: on, sub, is_leaf=_is_none),
+        where,
+        params,
+        is_leaf=_is_none,
+    )
+    return [bool(on) for on in treedef.flatten_up_to(full)]
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def _dispatched(
+    fn: str,
+    chain: optax.GradientTransformationExtraArgs,
+    *,
+    impl: str,
+    nesterov: bool,
+    hyper: dict,
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: optax.ScalarOrSchedule,
+    mask: Any,
+    cautious: str | None,
+    clamp: chex.Numeric,
+    cwd: bool,
+) -> optax.GradientTransformationExtraArgs:
+    """`chain`, or the same optimizer stepping each leaf with the fused `cljax.kernels.adam_step`.
+
+    `chain`'s state is ``(adam, decay, learning rate)`` for C-AdamW (`cwd` False) and
+    ``(adam, learning rate)`` for CWD; the fused update reads and writes that same state (Adam's
+    moments and count, the schedule counts), so both paths give the same updates and states.
+    A scheduled decay is evaluated at the decay state's count (C-AdamW, as
+    `optax.add_decayed_weights`) or at Adam's (CWD, as `_with_cautious_decay`).
+    """
+    _kernel_common.check_impl(fn, impl)
+    if impl == "xla":
+        return chain
+    if nesterov:
+        if impl == "pallas":
+            raise ValueError(
+                f"{fn}(impl='pallas'): the fused Adam kernel (cljax.kernels.adam_step) does not "
+                "cover nesterov=True; use impl='xla' or 'auto'."
+            )
+        return chain
+
+    def pick(g: Any) -> str | None:
+        if g is None:
+            return None
+        if impl == "pallas":
+            return "pallas"
+        return _dispatch.choose("adam_step", (jnp.size(g),), str(jnp.result_type(g)))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        grads, treedef = jax.tree.flatten(updates, is_leaf=_is_none)
+        picks = [pick(g) for g in grads]
+        if "pallas" not in picks:  # `auto` without a measured win: exactly the chain
+            return chain.update(updates, state, params, **extra_args)
+        _checks.require_params(fn, params)
+        adam, lr_state = state[0], state[-1]
+        count = adam.count
+        if callable(learning_rate):
+            lr = learning_rate(lr_state.count)
+            lr_state = lr_state._replace(count=optax.safe_increment(lr_state.count))
+        else:
+            lr = learning_rate
+        decay_state = None if cwd else state[1]
+        if not callable(weight_decay):
+            wd = weight_decay
+        elif cwd:
+            wd = weight_decay(count)
+        else:
+            inner = decay_state.inner_state if mask is not None else decay_state
+            wd = weight_decay(inner.count)
+            ticked = inner._replace(count=optax.safe_increment(inner.count))
+            decay_state = decay_state._replace(inner_state=ticked) if mask is not None else ticked
+        flags = _decay_flags(mask, params, treedef)
+        outs, mus, nus = [], [], []
+        for g, p, mu, nu, on, chosen in zip(
+            grads,
+            treedef.flatten_up_to(params),
+            treedef.flatten_up_to(adam.mu),
+            treedef.flatten_up_to(adam.nu),
+            flags,
+            picks,
+            strict=True,
+        ):
+            if g is None:
+                outs.append(None)
+                mus.append(mu)
+                nus.append(nu)
+                continue
+            u, mu, nu = _kernel.adam_step(
+                g,
+                p,
+                mu,
+                nu,
+                count,
+                learning_rate=lr,
+                weight_decay=wd if on else 0.0,
+                cautious=cautious,
+                clamp=clamp,
+                cautious_weight_decay=cwd,
+                impl=chosen,
+                **hyper,
+            )
+            outs.append(u)
+            mus.append(mu)
+            nus.append(nu)
+        adam = adam._replace(
+            count=optax.safe_increment(count), mu=treedef.unflatten(mus), nu=treedef.unflatten(nus)
+        )
+        new_state = (adam, lr_state) if cwd else (adam, decay_state, lr_state)
+        return treedef.unflatten(outs), new_state
+
+    return optax.GradientTransformationExtraArgs(chain.init, update_fn)
 
 
 def cwd_lion(

@@ -16,6 +16,7 @@ from cljax.transforms.low_rank.projection import (
     OnRefresh,
     Projector,
     Side,
+    _adam_inner,
     scale_by_low_rank_projection,
 )
 from cljax.tree import MatrixSpec
@@ -45,6 +46,7 @@ def galore_adamw(
     seed: int = 0,
     oversample: int = 8,
     power_iters: int | None = None,
+    impl: Literal["auto", "xla", "pallas"] = "auto",
 ) -> optax.GradientTransformationExtraArgs:
     """GaLore-AdamW: Adam on rank-`rank` projected matrix gradients, plus decoupled decay.
 
@@ -61,6 +63,10 @@ def galore_adamw(
             ``side='std'``).
         b1, b2, eps, eps_root, mu_dtype: As in `optax.scale_by_adam`.
         weight_decay, mask: As in `optax.add_decayed_weights`.
+        impl: As in `cljax.scale_by_low_rank_projection`: ``'pallas'`` runs each matrix leaf's
+            projection, Adam step and back-projection as the fused kernel
+            `cljax.kernels.galore_adam_step`; ``'auto'`` (default) only where a measured win is
+            recorded (none yet: XLA). Static.
 
     Example:
         >>> opt = cljax.galore_adamw(1e-2, rank=2, refresh_every=10)
@@ -77,7 +83,7 @@ def galore_adamw(
     """
     return optax.chain(
         scale_by_low_rank_projection(
-            optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype),
+            _adam_inner(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype),
             rank=rank,
             refresh_every=refresh_every,
             scale=scale,
@@ -90,6 +96,7 @@ def galore_adamw(
             seed=seed,
             oversample=oversample,
             power_iters=power_iters,
+            impl=impl,
         ),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),

@@ -10,6 +10,10 @@ the gradient" is ``d * g > 0``.
 * `scale_by_grams` — Adam's magnitude with the gradient's sign (Grams).
 * `scale_by_adamp` — Adam with the radial component removed for scale-invariant weights (AdamP).
 * `scale_by_upgd` — utility-gated, perturbed gradient descent (UPGD).
+
+The ready-made `cljax.cautious_adamw` and `cljax.cwd_adamw` can run each leaf's whole step (Adam,
+the cautious mask or decay, the learning rate) as one fused kernel, `cljax.kernels.adam_step`
+(their ``impl`` argument); the transforms here, which wrap any inner direction, run in XLA.
 """
 
 from __future__ import annotations

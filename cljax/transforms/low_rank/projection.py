@@ -14,6 +14,7 @@ the step count, outside any `vmap` over stacked matrices.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -23,6 +24,8 @@ import jax.numpy as jnp
 import optax
 
 from cljax import _checks
+from cljax.kernels import _common as _kernel_common
+from cljax.kernels import _dispatch, _galore
 from cljax.transforms.low_rank import _bases
 from cljax.tree import MatrixSpec, as_matrices, from_matrices, matrix_shape
 
@@ -41,6 +44,26 @@ _INACTIVE = ("sign_sgd", "sgd", "none")
 # Inner-state fields holding second moments: `reproject` rotates them with the squared rotation.
 _SECOND_MOMENT_FIELDS = frozenset({"nu", "nu_max", "sum_of_squares", "v", "exp_avg_sq"})
 _MASKED = optax.MaskedNode()
+# Adam hyper-parameters of the inner transforms made by `_adam_inner`, keyed by their update
+# function: the fused GaLore kernel (`cljax.kernels.galore_adam_step`) can replace them.
+_ADAM_INNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _fused_adam_of(inner: Any) -> dict | None:
+    """The Adam hyper-parameters of an `_adam_inner` transform; None for any other inner."""
+    try:
+        return _ADAM_INNERS.get(inner.update)
+    except TypeError:  # an update function that cannot be weakly referenced
+        return None
+
+
+def _adam_inner(
+    b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, eps_root: Any = 0.0, mu_dtype: Any = None
+) -> optax.GradientTransformation:
+    """`optax.scale_by_adam(...)`, recorded as an inner transform the fused kernel can run."""
+    tx = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype)
+    _ADAM_INNERS[tx.update] = {"b1": b1, "b2": b2, "eps": eps, "eps_root": eps_root}
+    return tx
 
 
 class ScaleByLowRankProjectionState(NamedTuple):
@@ -247,8 +270,20 @@ def _low_rank_core(
     reorthonormalize: bool,
     residual: str,
     residual_scale: Any,
+    impl: str = "xla",
+    fused_adam: dict | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     inner = optax.with_extra_args_support(inner)
+
+    def use_kernel(plan: _Plan, dtype: Any) -> bool:
+        """Whether this leaf's projection, Adam step and back-projection run fused."""
+        if impl == "xla" or fused_adam is None or residual != "none":
+            return False
+        if impl == "pallas":
+            return True
+        key = (plan.m, plan.n, plan.rank)
+        return _dispatch.choose("galore_adam_step", key, str(jnp.dtype(dtype))) == "pallas"
+
     fallback = optax.with_extra_args_support(fallback)
 
     def plans_of(tree):
@@ -280,6 +315,33 @@ def _low_rank_core(
             fallback=fallback.init(treedef.unflatten(fallback_leaves)),
             projector_opt=treedef.unflatten(popt_states),
         )
+
+    def projected_step(plan, g, mats, basis, inner_state, scale_now, extra_args):
+        """Projection, `inner` on the projected gradient, back-projection and scale (XLA)."""
+        dtype = g.dtype
+        if plan.left:
+            low = jnp.einsum("bmr,bmn->brn", basis, mats)
+        else:
+            low = jnp.einsum("bmn,bnr->bmr", mats, basis)
+        low = low.reshape(plan.projected_shape).astype(dtype)
+        direction, inner_state = inner.update(low, inner_state, None, **extra_args)
+        direction = direction.astype(jnp.float32).reshape(plan.batch, *plan.projected_shape[-2:])
+        if plan.left:
+            full = jnp.einsum("bmr,brn->bmn", basis, direction)
+        else:
+            full = jnp.einsum("bmr,bnr->bmn", direction, basis)
+
+        if residual != "none" and plan.rank < min(plan.m, plan.n):  # full rank: no residual
+            if plan.left:
+                kept = jnp.einsum("bmr,brn->bmn", basis, jnp.einsum("bmr,bmn->brn", basis, mats))
+            else:
+                kept = jnp.einsum("bmr,bnr->bmn", jnp.einsum("bmn,bnr->bmr", mats, basis), basis)
+            rest = mats - kept
+            free = jnp.sign(rest) if residual == "sign_sgd" else rest
+            full = full + jnp.asarray(residual_scale, jnp.float32) * free
+
+        full = full * jnp.asarray(scale_now, jnp.float32)
+        return from_matrices(full, plan.spec, g.shape, plan.name).astype(dtype), inner_state
 
     def matrix_update(plan, g, basis_entry, inner_state, popt_state, count, key, extra_args):
         dtype = g.dtype
@@ -335,30 +397,13 @@ def _low_rank_core(
             basis, inner_state = jax.lax.cond(due, refresh, lambda: (old, inner_state))
             new_entry = basis
 
-        if plan.left:
-            low = jnp.einsum("bmr,bmn->brn", basis, mats)
-        else:
-            low = jnp.einsum("bmn,bnr->bmr", mats, basis)
-        low = low.reshape(plan.projected_shape).astype(dtype)
-        direction, inner_state = inner.update(low, inner_state, None, **extra_args)
-        direction = direction.astype(jnp.float32).reshape(plan.batch, *plan.projected_shape[-2:])
-        if plan.left:
-            full = jnp.einsum("bmr,brn->bmn", basis, direction)
-        else:
-            full = jnp.einsum("bmr,bnr->bmn", direction, basis)
-
-        if residual != "none" and plan.rank < min(plan.m, plan.n):  # full rank: no residual
-            if plan.left:
-                kept = jnp.einsum("bmr,brn->bmn", basis, jnp.einsum("bmr,bmn->brn", basis, mats))
-            else:
-                kept = jnp.einsum("bmr,bnr->bmn", jnp.einsum("bmn,bnr->bmr", mats, basis), basis)
-            rest = mats - kept
-            free = jnp.sign(rest) if residual == "sign_sgd" else rest
-            full = full + jnp.asarray(residual_scale, jnp.float32) * free
-
         scale_now = scale(count) if callable(scale) else scale
-        full = full * jnp.asarray(scale_now, jnp.float32)
-        out = from_matrices(full, plan.spec, g.shape, plan.name).astype(dtype)
+        if use_kernel(plan, dtype):
+            out, inner_state = _fused_adam_step(plan, g, basis, inner_state, scale_now, fused_adam)
+        else:
+            out, inner_state = projected_step(
+                plan, g, mats, basis, inner_state, scale_now, extra_args
+            )
 
         if projector == "online_pca":
             norms = jnp.sqrt(jnp.sum(oriented * oriented, axis=(1, 2), keepdims=True))
@@ -425,6 +470,43 @@ def _low_rank_core(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _fused_adam_step(
+    plan: _Plan, g: jax.Array, basis: jax.Array, state: Any, scale_now: Any, hyper: dict
+) -> tuple[jax.Array, Any]:
+    """`projected_step` for an Adam inner, as the fused kernel `cljax.kernels.galore_adam_step`.
+
+    The kernel's epilogue ``-lr · (scale · back + wd · p)`` with ``lr = -1`` and ``wd = 0`` is the
+    scaled direction ``scale · back``; the Adam state (`optax.ScaleByAdamState`) keeps its layout.
+    """
+    low_shape = plan.projected_shape[-2:]
+    mats = as_matrices(g, plan.spec, plan.name)  # (b, m, n), g's dtype: the kernel reads float32
+    operands = (
+        mats,
+        basis,
+        state.mu.reshape(plan.batch, *low_shape),
+        state.nu.reshape(plan.batch, *low_shape),
+    )
+    if not plan.batch_shape:  # one matrix: no vmap over a batch of one
+        operands = tuple(x[0] for x in operands)
+    full, mu, nu = _galore.galore_adam_step(
+        *operands,
+        state.count,
+        side="left" if plan.left else "right",
+        learning_rate=-1.0,
+        scale=scale_now,
+        impl="pallas",
+        **hyper,
+    )
+    full = full.reshape(plan.batch, plan.m, plan.n)
+    out = from_matrices(full, plan.spec, g.shape, plan.name).astype(g.dtype)
+    state = state._replace(
+        count=optax.safe_increment(state.count),
+        mu=mu.reshape(state.mu.shape),
+        nu=nu.reshape(state.nu.shape),
+    )
+    return out, state
+
+
 def _check_common(
     fn,
     inner,
@@ -479,6 +561,7 @@ def scale_by_low_rank_projection(
     power_iters: int | None = None,
     projector_optimizer: optax.GradientTransformation | None = None,
     reorthonormalize: bool = False,
+    impl: Literal["auto", "xla", "pallas"] = "auto",
 ) -> optax.GradientTransformationExtraArgs:
     """Runs `inner` on each matrix gradient projected onto a rank-`rank` basis (GaLore).
 
@@ -535,13 +618,21 @@ def scale_by_low_rank_projection(
             the reference).
         reorthonormalize: ``'online_pca'`` only: QR the basis after each projector step (off in
             the reference). Static.
+        impl: How a matrix leaf's projection, Adam step and back-projection run when `inner`
+            is Adam (``inner=None``, or `cljax.galore_adamw`'s): ``'pallas'`` as the fused
+            kernel `cljax.kernels.galore_adam_step` (two tiled products whose epilogues update
+            the moments and write the scaled direction; on the CPU in Pallas interpret mode, for
+            tests), with the basis built as usual; ``'xla'`` as separate XLA ops; ``'auto'``
+            (default) the kernel only on the leaves where `cljax.kernels` holds a measured win
+            for the back end, dtype and ``(m, n, rank)`` (none yet, so XLA everywhere). Any
+            other `inner` runs through XLA, and ``'pallas'`` then raises. Static.
 
     Returns:
         A transform whose state is `ScaleByLowRankProjectionState`.
 
     Raises:
         ValueError, TypeError: for invalid hyper-parameters or matrix specs (at construction
-            or at `init`).
+            or at `init`); ``impl='pallas'`` with an `inner` other than Adam.
 
     Example:
         >>> tx = cljax.scale_by_low_rank_projection(rank=2, refresh_every=10)
@@ -557,7 +648,7 @@ def scale_by_low_rank_projection(
         https://arxiv.org/abs/2408.12857
     """
     fn = "scale_by_low_rank_projection"
-    inner = optax.scale_by_adam() if inner is None else inner
+    inner = _adam_inner() if inner is None else inner
     _check_common(
         fn,
         inner,
@@ -576,6 +667,14 @@ def scale_by_low_rank_projection(
     _checks.check_int(fn, "rank", rank, 1)
     if not callable(scale):
         _checks.check_in_range(fn, "scale", scale)
+    _kernel_common.check_impl(fn, impl)
+    fused_adam = _fused_adam_of(inner)
+    if impl == "pallas" and fused_adam is None:
+        raise ValueError(
+            f"{fn}(impl='pallas'): the fused GaLore kernel (cljax.kernels.galore_adam_step) runs "
+            "Adam only; leave inner=None (optax.scale_by_adam's defaults) or use impl='xla' or "
+            "'auto' with another inner transform."
+        )
     if not isinstance(reorthonormalize, bool):
         raise TypeError(f"{fn}(reorthonormalize=...) must be a bool, got {reorthonormalize!r}.")
     if projector_optimizer is not None:
@@ -605,4 +704,6 @@ def scale_by_low_rank_projection(
         reorthonormalize=reorthonormalize,
         residual="none",
         residual_scale=0.0,
+        impl=impl,
+        fused_adam=fused_adam,
     )

@@ -23,7 +23,7 @@ SP-MASK rules, as implemented by every element-mask transform of this family:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,10 @@ import numpy as np
 import optax
 
 from cljax import _checks
+from cljax import kernels as _kernels
 from cljax import tree as _tree
+from cljax.kernels import _common as _kernel_common
+from cljax.kernels import _dispatch
 from cljax.transforms.sparse import _common
 
 __all__ = [
@@ -213,6 +216,7 @@ def mask_updates(
     masks: Any,
     *,
     prune: bool = False,
+    impl: Literal["auto", "xla", "pallas"] = "auto",
 ) -> optax.GradientTransformationExtraArgs:
     """Restricts any optimizer to an element-wise mask kept in its state.
 
@@ -233,13 +237,22 @@ def mask_updates(
             `static_args` of `optax.inject_hyperparams`.
         prune: Set entries outside the mask to zero (needs `params`) instead of freezing them.
             Static.
+        impl: How a masked leaf applies its packed mask (``prune=False`` only): ``'pallas'``
+            with the kernel `cljax.kernels.apply_packed_mask`, which reads the packed bits
+            directly, on the gradient and on the update (on the CPU in Pallas interpret mode,
+            for tests); ``'xla'`` by unpacking the mask once and selecting with it; ``'auto'``
+            (default) the kernel only on the leaves where `cljax.kernels` holds a measured win
+            for the back end, dtype and size (none yet, so XLA everywhere). With
+            ``prune=True`` the update outside the mask is ``-p``, not zero, which the kernel
+            does not cover: ``'auto'`` then uses XLA and ``'pallas'`` raises. Static.
 
     Returns:
         A transform whose state is `MaskUpdatesState`.
 
     Raises:
-        ValueError: at `init`, a parameter leaf without a mask or a mask of the wrong shape; at
-            `update` with ``prune=True``, missing `params`.
+        ValueError: an unknown `impl` or ``impl='pallas'`` with ``prune=True``; at `init`, a
+            parameter leaf without a mask or a mask of the wrong shape; at `update` with
+            ``prune=True``, missing `params`.
 
     Example:
         >>> params = {"w": jnp.ones((2, 2))}
@@ -257,6 +270,13 @@ def mask_updates(
     _checks.check_transform(fn, "inner", inner)
     if not isinstance(prune, bool):
         raise TypeError(f"{fn}(prune=...) must be a bool, got {prune!r}.")
+    _kernel_common.check_impl(fn, impl)
+    if prune and impl == "pallas":
+        raise ValueError(
+            f"{fn}(impl='pallas'): the packed-mask kernel (cljax.kernels.apply_packed_mask) "
+            "zeroes entries outside the mask; prune=True sets the update there to -p. Use "
+            "impl='xla' or 'auto' with prune=True."
+        )
     kinds = kinds_from_masks(fn, masks)
     lookup = _common.by_path(masks, fn, "masks")
     return element_mask_transform(
@@ -266,6 +286,7 @@ def mask_updates(
         lambda path, p: lookup[_common.path_name(path)],
         MaskUpdatesState,
         prune=prune,
+        impl="xla" if prune else impl,
     )
 
 
@@ -277,11 +298,14 @@ def element_mask_transform(
     state_cls: type,
     *,
     prune: bool,
+    impl: str = "xla",
 ) -> optax.GradientTransformationExtraArgs:
     """An SP-MASK transform whose state is ``state_cls(masks=packed, inner_state=...)``.
 
     `kinds_of(params)` gives each leaf's kind (dense / masked / frozen) from the tree's paths;
-    `initial_mask(path, param)` the boolean mask that seeds a masked leaf at `init`.
+    `initial_mask(path, param)` the boolean mask that seeds a masked leaf at `init`. `impl`
+    (``prune=False`` only) picks how masked leaves apply their packed masks, as in
+    `mask_updates`.
     """
     wrapped = masked_inner(inner, kinds_of)
 
@@ -292,7 +316,18 @@ def element_mask_transform(
     def update_fn(updates, state, params=None, **extra_args):
         if prune:
             _checks.require_params(fn, params)
-        current = unpack_masks(kinds_of(updates), state.masks, updates)
+        kinds = kinds_of(updates)
+        fused = None if prune or impl == "xla" else _kernel_leaves(kinds, updates, impl)
+        if fused is not None:
+            directions, inner_state = wrapped.update(
+                _apply_fused(updates, fused, kinds, state.masks),
+                state.inner_state,
+                params,
+                **extra_args,
+            )
+            out = _apply_fused(directions, fused, kinds, state.masks)
+            return out, state_cls(masks=state.masks, inner_state=inner_state)
+        current = unpack_masks(kinds, state.masks, updates)
         directions, inner_state = wrapped.update(
             gate_in(updates, current), state.inner_state, params, **extra_args
         )
@@ -300,6 +335,36 @@ def element_mask_transform(
         return out, state_cls(masks=state.masks, inner_state=inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _kernel_leaves(kinds: Any, updates: Any, impl: str) -> Any:
+    """Per leaf: whether its packed mask is applied by the kernel; None when no leaf is."""
+
+    def leaf(k, g):
+        if k != MASKED or g is None:
+            return False
+        if impl == "pallas":
+            return True
+        key = (jnp.size(g),)
+        return _dispatch.choose("apply_packed_mask", key, str(jnp.result_type(g))) == "pallas"
+
+    fused = jax.tree.map(leaf, kinds, updates, is_leaf=_common.is_none)
+    return fused if any(jax.tree.leaves(fused)) else None
+
+
+def _apply_fused(tree: Any, fused: Any, kinds: Any, packed: Any) -> Any:
+    """`tree` zeroed outside the masks: by the packed-mask kernel where `fused`, else by XLA."""
+
+    def leaf(x, f, k, m):
+        if x is None or k is None or k == DENSE:
+            return x
+        if k == FROZEN:
+            return jnp.zeros_like(x)
+        if f:
+            return _kernels.apply_packed_mask(x, m, impl="pallas")
+        return jnp.where(_common.unpack(m, jnp.shape(x)), x, jnp.zeros_like(x))
+
+    return jax.tree.map(leaf, tree, fused, kinds, packed, is_leaf=_common.is_none_or_masked)
 
 
 def _find(fn: str, opt_state: Any, index: int | None) -> MaskUpdatesState:
