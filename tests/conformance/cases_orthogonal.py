@@ -1,4 +1,4 @@
-"""Conformance cases of the orthogonal family (OR-01 ... OR-07, OR-15, OR-20) and its optimizers.
+"""Conformance cases of the orthogonal family (OR-01 ... OR-10, OR-15, OR-20) and its optimizers.
 
 Required extra arguments are built here for the suite's 4-leaf params tree
 ``{"scalar": (), "vec": (8,), "mat": (8, 4), "stack": (2, 8, 4)}``.
@@ -29,6 +29,20 @@ _OSFT_STATIC = ("capacity", "spec", "inner", "where")
 CASES: dict[str, Case] = {
     # OR-01 / OR-02 GPM and FOT's server-side projection.
     "gpm": Case(cljax.gpm, {"capacity": 4}, static_args=_GPM_STATIC, strict_dtypes=True),
+    # OR-09 CUBER: per-task bases and scales (identity until tasks are stored).
+    "cuber": Case(
+        cljax.cuber,
+        {"capacity": 4, "max_tasks": 3},
+        static_args=("capacity", "max_tasks", "spec", "inner", "where"),
+        strict_dtypes=True,
+    ),
+    # OR-10 Fwd-Prompt: every matrix leaf treated as a prompt (rows = the last, embedding axis).
+    "fwd_prompt": Case(
+        cljax.fwd_prompt,
+        {"capacity": 3, "pretrained_weight": 0.5},
+        static_args=("capacity", "pretrained_capacity", "spec", "inner", "where"),
+        strict_dtypes=True,
+    ),
     # OR-04 A-GEM (global inner products: not leafwise).
     "agem": Case(
         cljax.agem,
@@ -79,7 +93,13 @@ CASES: dict[str, Case] = {
 # Public names of the family that are not transform factories (states, pure functions, helpers).
 NOT_TRANSFORMS: frozenset[str] = frozenset(
     {
+        "CuberState",
+        "FwdPromptState",
+        "fwd_prompt_add_task",
+        "fwd_prompt_set_pretrained",
         "GpmState",
+        "cuber_add_task",
+        "cuber_correlate",
         "emmet_delta",
         "memit_delta",
         "fedgp_aggregate",

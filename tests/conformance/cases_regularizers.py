@@ -38,6 +38,36 @@ CASES: dict[str, Case] = {
     "si": Case(
         cljax.si, {"inner": optax.sgd(0.1), "strength": 0.1, "damping": 0.1}, needs_params=True
     ),
+    # RG-06 hierarchical layer-wise and element-wise regularisation (wraps the whole optimizer).
+    "hierarchical_reg": Case(
+        cljax.hierarchical_reg,
+        {"inner": optax.sgd(0.1), "strength": 0.1, "damping": 0.1},
+        static_args=("layer_weights",),
+        needs_params=True,
+    ),
+    "hierarchical_reg/layer_weights": Case(
+        cljax.hierarchical_reg,
+        {
+            "inner": optax.adam(1e-2),
+            "strength": 0.1,
+            "layer_weights": lambda r: r.shape[0] * r / (jnp.sum(r) + 1e-12),
+        },
+        static_args=("layer_weights",),
+        needs_params=True,
+    ),
+    # RG-07 NC: a tiny regressor that accepts any number of parameter entries.
+    "neural_consolidation": Case(
+        cljax.neural_consolidation,
+        {
+            "approximator_fn": lambda w, t: w["a"] * jnp.sum(jnp.tanh(t)) + w["b"] * jnp.sum(t * t),
+            "approximator_init": {"a": 0.5, "b": 0.1},
+            "strength": 1.0,
+        },
+        static_args=("approximator_fn", "approximator_init"),
+        needs_params=True,
+        leafwise=False,
+        strict_dtypes=True,
+    ),
     # CA-08 shrink and perturb, periodic form.
     "add_shrink_perturb": Case(
         cljax.add_shrink_perturb,
@@ -72,6 +102,21 @@ CASES: dict[str, Case] = {
             "prior_weight": 1e-3,
             "teacher_decay": 0.9,
         },
+        static_args=("restore", "seed"),
+        needs_params=True,
+        leafwise=False,
+    ),
+    # CA-10 PETAL-SRes: a random fraction restored (a PRNG key in the state).
+    "petal/random": Case(
+        cljax.petal,
+        {
+            "inner": optax.adam(1e-2),
+            "restore_quantile": 0.3,
+            "prior_weight": 1e-3,
+            "restore": "random",
+            "seed": 3,
+        },
+        static_args=("restore", "seed"),
         needs_params=True,
         leafwise=False,
     ),
@@ -134,9 +179,15 @@ NOT_TRANSFORMS: frozenset[str] = frozenset(
         "CbpLayer",
         "ContinualBackpropState",
         "EwcState",
+        "HierarchicalRegState",
+        "hierarchical_layer_penalties",
+        "hierarchical_reg_record",
         "ScaleByTagState",
         "L2AnchorState",
         "MasState",
+        "NeuralConsolidationState",
+        "neural_consolidation_fit",
+        "neural_consolidation_set",
         "PetalState",
         "SiState",
         "ewc_consolidate",

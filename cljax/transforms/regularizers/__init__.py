@@ -1,9 +1,10 @@
 """Anchored regularisers, plasticity methods and continual-training tools.
 
-Modules: `anchored` (EWC, L2-to-anchor, MAS), `synaptic` (SI), `fisher` (Fisher and MAS
-importance estimators), `sequential` (AQC, LwF), `spectral` (spectral and Wasserstein penalties),
-`plasticity` (shrink-and-perturb, continual backprop), `petal` (PETAL), `gradient` (TAG,
-component-wise clipping) and `schedules` (re-warming, infinite and decay-to-zero schedules).
+Modules: `anchored` (EWC, L2-to-anchor, MAS), `synaptic` (SI), `hierarchical` (layer-wise and
+element-wise regularisation), `fisher` (Fisher and MAS importance estimators), `sequential` (AQC,
+LwF), `neural_consolidation` (NC), `spectral` (spectral and Wasserstein penalties), `plasticity`
+(shrink-and-perturb, continual backprop), `petal` (PETAL), `gradient` (TAG, component-wise
+clipping) and `schedules` (re-warming, infinite and decay-to-zero schedules).
 Each module of this subpackage lists its public names in its own ``__all__``; this package
 re-exports them explicitly.
 """
@@ -23,6 +24,28 @@ from cljax.transforms.regularizers.gradient import ScaleByTagState as ScaleByTag
 from cljax.transforms.regularizers.gradient import clip_by_component_norm as clip_by_component_norm
 from cljax.transforms.regularizers.gradient import scale_by_tag as scale_by_tag
 from cljax.transforms.regularizers.gradient import tag_next_task as tag_next_task
+from cljax.transforms.regularizers.hierarchical import (
+    HierarchicalRegState as HierarchicalRegState,
+)
+from cljax.transforms.regularizers.hierarchical import (
+    hierarchical_layer_penalties as hierarchical_layer_penalties,
+)
+from cljax.transforms.regularizers.hierarchical import hierarchical_reg as hierarchical_reg
+from cljax.transforms.regularizers.hierarchical import (
+    hierarchical_reg_record as hierarchical_reg_record,
+)
+from cljax.transforms.regularizers.neural_consolidation import (
+    NeuralConsolidationState as NeuralConsolidationState,
+)
+from cljax.transforms.regularizers.neural_consolidation import (
+    neural_consolidation as neural_consolidation,
+)
+from cljax.transforms.regularizers.neural_consolidation import (
+    neural_consolidation_fit as neural_consolidation_fit,
+)
+from cljax.transforms.regularizers.neural_consolidation import (
+    neural_consolidation_set as neural_consolidation_set,
+)
 from cljax.transforms.regularizers.petal import PetalState as PetalState
 from cljax.transforms.regularizers.petal import petal as petal
 from cljax.transforms.regularizers.petal import petal_set_prior as petal_set_prior
@@ -67,8 +90,10 @@ __all__ = [
     "CbpLayer",
     "ContinualBackpropState",
     "EwcState",
+    "HierarchicalRegState",
     "L2AnchorState",
     "MasState",
+    "NeuralConsolidationState",
     "PetalState",
     "ScaleByTagState",
     "SiState",
@@ -82,6 +107,9 @@ __all__ = [
     "ewc",
     "ewc_consolidate",
     "fisher_diagonal",
+    "hierarchical_layer_penalties",
+    "hierarchical_reg",
+    "hierarchical_reg_record",
     "infinite_schedule",
     "l2_anchor",
     "l2_anchor_consolidate",
@@ -90,6 +118,9 @@ __all__ = [
     "mas",
     "mas_consolidate",
     "mas_importance",
+    "neural_consolidation",
+    "neural_consolidation_fit",
+    "neural_consolidation_set",
     "petal",
     "petal_set_prior",
     "petal_targets",

@@ -10,12 +10,16 @@ batch, with the gradient ``g`` of the student's cross-entropy to the teacher's s
    bisection on the float bit pattern, without a sort);
 3. the inner step ``θ⁺ = θ + u``; the teacher ``θ_T ← m θ_T + (1 − m) θ⁺`` (unrestored);
 4. restores: emits ``where(F < τ, θ_src − θ, u)``.
+
+PETAL-SRes (``restore='random'``) replaces step 4's mask by an independent Bernoulli draw per
+entry: each entry returns to its source value with probability `restore_quantile`, whatever its
+gradient (no quantile is computed).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import chex
 import jax
@@ -28,6 +32,7 @@ from cljax.transforms.regularizers import _common
 __all__ = ["PetalState", "petal", "petal_set_prior", "petal_targets", "petal_teacher"]
 
 _f32 = jnp.float32
+_RESTORES = ("fisher", "random")
 
 
 class PetalState(NamedTuple):
@@ -38,6 +43,7 @@ class PetalState(NamedTuple):
     prior_variance: optax.Params  # σ²_src, float32 (ones until `petal_set_prior`)
     teacher: optax.Params  # θ_T, float32 for 16-bit parameters
     inner: optax.OptState  # the wrapped optimizer's state
+    key: chex.Array | None = None  # uint32 (2,) PRNG key of PETAL-SRes' draws; None for 'fisher'
 
 
 def _count_at_most(leaves, bits) -> jax.Array:
@@ -86,6 +92,8 @@ def petal(
     prior_weight: chex.Numeric = 1e-9,
     teacher_decay: chex.Numeric = 0.999,
     variance_eps: chex.Numeric = 1e-6,
+    restore: Literal["fisher", "random"] = "fisher",
+    seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     """PETAL around a whole optimizer: prior gradient, inner step, teacher EMA, FIM-based restore.
 
@@ -95,10 +103,15 @@ def petal(
 
     Args:
         inner: The whole optimizer, e.g. ``optax.adam(1e-3)``; its update is the inner step.
-        restore_quantile: ``q`` in [0, 1]; 0 restores nothing.
+        restore_quantile: ``q`` in [0, 1]; 0 restores nothing. With ``restore='random'``, the
+            probability that each entry is restored.
         prior_weight: ``w_p`` ≥ 0 of the prior ``w_p · ½ Σ (θ − μ)² / (σ² + eps)``.
         teacher_decay: ``m`` in [0, 1] of the teacher's EMA; 1 freezes the teacher.
         variance_eps: ``eps`` added to the prior variance.
+        restore: ``'fisher'`` (PETAL: the entries with the smallest squared gradient) or
+            ``'random'`` (PETAL-SRes: an independent Bernoulli(``q``) draw per entry and step,
+            from a key kept in the state). Static.
+        seed: Seed of PETAL-SRes' key (unused with ``'fisher'``). Static.
 
     Returns:
         A transform whose state is a `PetalState`; `update` needs `params`. Nothing may follow
@@ -112,7 +125,6 @@ def petal(
         Restored entries land on ``θ + (θ_src − θ)``, which equals ``θ_src`` up to one float
         rounding (exactly when ``θ`` and ``θ_src`` are within a factor 2). Without SWAG moments
         (`petal_set_prior`), ``μ = θ_src`` and ``σ² = 1``: the prior is L2 to the source.
-        The random-restore variant (PETAL-SRes) is not provided.
 
     Example:
         >>> tx = cljax.petal(optax.adam(1e-3))
@@ -128,6 +140,9 @@ def petal(
     _checks.check_in_range(fn, "prior_weight", prior_weight, 0.0, math.inf)
     _checks.check_in_range(fn, "teacher_decay", teacher_decay, 0.0, 1.0)
     _checks.check_in_range(fn, "variance_eps", variance_eps, 0.0, math.inf, low_inclusive=False)
+    _checks.check_choice(fn, "restore", restore, _RESTORES)
+    _checks.check_int(fn, "seed", seed, 0)
+    randomized = restore == "random"
     inner_tx = optax.with_extra_args_support(inner)
 
     def init_fn(params):
@@ -139,6 +154,7 @@ def petal(
                 lambda p: jnp.array(p, dtype=_teacher_dtype(p), copy=True), params
             ),
             inner=inner_tx.init(params),
+            key=jax.random.key_data(jax.random.key(seed)) if randomized else None,
         )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -158,9 +174,22 @@ def petal(
             state.prior_variance,
             is_leaf=_common.is_none,
         )
-        fisher = jax.tree.map(lambda g: jnp.square(_common.f32(g)), grads)
-        flat = [f for f in jax.tree.leaves(fisher) if f.size]
-        tau = _global_quantile(flat, restore_quantile) if flat else jnp.zeros([], _f32)
+        if randomized:
+            key, draw = jax.random.split(jax.random.wrap_key_data(state.key))
+            leaves, treedef = jax.tree.flatten(grads)
+            q = jnp.asarray(restore_quantile, _f32)
+            masks = [
+                jax.random.uniform(jax.random.fold_in(draw, i), jnp.shape(g), _f32) < q
+                for i, g in enumerate(leaves)
+            ]
+            restore_mask = jax.tree.unflatten(treedef, masks)
+            new_key = jax.random.key_data(key)
+        else:
+            fisher = jax.tree.map(lambda g: jnp.square(_common.f32(g)), grads)
+            flat = [f for f in jax.tree.leaves(fisher) if f.size]
+            tau = _global_quantile(flat, restore_quantile) if flat else jnp.zeros([], _f32)
+            restore_mask = jax.tree.map(lambda f: f < tau, fisher)
+            new_key = state.key
         out, inner_state = inner_tx.update(grads, state.inner, params, **extra_args)
 
         def teacher_leaf(t, p, u):
@@ -171,16 +200,16 @@ def petal(
 
         teacher = jax.tree.map(teacher_leaf, state.teacher, params, out)
 
-        def restore_leaf(u, f, p, src):
+        def restore_leaf(u, m, p, src):
             if u is None:
                 return None
             back = (_common.f32(src) - _common.f32(p)).astype(u.dtype)
-            return jnp.where(f < tau, back, u)
+            return jnp.where(m, back, u)
 
         restored = jax.tree.map(
-            restore_leaf, out, fisher, params, state.source, is_leaf=_common.is_none
+            restore_leaf, out, restore_mask, params, state.source, is_leaf=_common.is_none
         )
-        return restored, state._replace(teacher=teacher, inner=inner_state)
+        return restored, state._replace(teacher=teacher, inner=inner_state, key=new_key)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -1,6 +1,8 @@
 """Tests for PETAL (CA-10): a float64 NumPy transcription of the reference step (prior gradient,
 model-wide quantile of the squared gradient with linear interpolation, Adam step, teacher EMA on
-the unrestored weights, restore to the source), then the card's invariants and errors.
+the unrestored weights, restore to the source), then the card's invariants and errors. For
+PETAL-SRes every output entry is checked against the two float64 branches (restored / stepped)
+and the restored fraction against its Bernoulli(q) distribution.
 """
 
 from __future__ import annotations
@@ -187,3 +189,97 @@ def test_petal_errors():
         cljax.petal_teacher(optax.adam(1e-3).init(params))
     with pytest.raises(ValueError, match="petal_targets: needs teacher_logits"):
         cljax.petal_targets(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.zeros((2, 3)))
+
+
+# ---------------------------------------------------------------------------------------------
+# PETAL-SRes: a random fraction restored instead of the Fisher-selected one.
+
+
+def _sres_step(q, seed, grads, params, source, steps=1):
+    """Runs `steps` PETAL-SRes steps (SGD(1), no prior); returns the outputs of every step."""
+    tx = cljax.petal(
+        optax.sgd(1.0), restore_quantile=q, prior_weight=0.0, restore="random", seed=seed
+    )
+    state = tx.init(source)
+    outs = []
+    for _ in range(steps):
+        out, state = jax.jit(tx.update)(grads, state, params)
+        outs.append(out)
+    return outs, state
+
+
+def _restored_mask(out, grads, params, source):
+    """Per entry: True where the output is `source − params`, False where it is `−grads`.
+
+    Asserts that every entry is one of the two (float64 NumPy reference of both branches).
+    """
+    masks = {}
+    for k in out:
+        o = np.asarray(out[k], np.float64)
+        back = np.float64(np.asarray(source[k], np.float32) - np.asarray(params[k], np.float32))
+        step = -np.asarray(grads[k], np.float64)
+        is_back, is_step = np.isclose(o, back, rtol=0, atol=1e-7), np.isclose(o, step, atol=1e-7)
+        assert np.all(is_back | is_step), f"leaf {k}: an entry is neither restored nor stepped"
+        masks[k] = is_back
+    return masks
+
+
+def _big_trees(rng, n=2000):
+    source = {"a": rng.standard_normal(n).astype(np.float32), "b": np.zeros(7, np.float32)}
+    params = {k: v + np.float32(0.5) for k, v in source.items()}
+    grads = {k: rng.uniform(1.0, 2.0, v.shape).astype(np.float32) for k, v in source.items()}
+    return source, params, grads
+
+
+def test_sres_restores_each_entry_with_probability_q_whatever_its_gradient():
+    rng = np.random.default_rng(3)
+    source, params, grads = _big_trees(rng)
+    q, n = 0.3, 2007
+    (out,), _ = _sres_step(q, 0, grads, params, source)
+    mask = _restored_mask(out, grads, params, source)
+    frac = sum(int(m.sum()) for m in mask.values()) / n
+    assert abs(frac - q) < 5 * np.sqrt(q * (1 - q) / n)
+    # The draw does not look at the gradient: other gradients, same state -> same mask.
+    other = {k: v * 3.0 + 1.0 for k, v in grads.items()}
+    (out2,), _ = _sres_step(q, 0, other, params, source)
+    mask2 = _restored_mask(out2, other, params, source)
+    for k in mask:
+        np.testing.assert_array_equal(mask[k], mask2[k])
+
+
+def test_sres_key_advances_and_seed_decides():
+    rng = np.random.default_rng(4)
+    source, params, grads = _big_trees(rng, 300)
+    outs, state = _sres_step(0.5, 1, grads, params, source, steps=2)
+    m1, m2 = (_restored_mask(o, grads, params, source)["a"] for o in outs)
+    assert not np.array_equal(m1, m2)
+    again, _ = _sres_step(0.5, 1, grads, params, source, steps=1)
+    assert_trees_equal(again[0], outs[0])
+    other_seed, _ = _sres_step(0.5, 2, grads, params, source, steps=1)
+    assert not np.array_equal(np.asarray(other_seed[0]["a"]), np.asarray(outs[0]["a"]))
+    assert state.key.dtype == jnp.uint32 and state.key.shape == (2,)
+
+
+@pytest.mark.parametrize("q", [0.0, 1.0])
+def test_sres_extremes_and_teacher_sees_the_unrestored_step(q):
+    rng = np.random.default_rng(5)
+    source, params, grads = _big_trees(rng, 50)
+    (out,), state = _sres_step(q, 0, grads, params, source)
+    mask = _restored_mask(out, grads, params, source)
+    for m in mask.values():
+        assert np.all(m) if q == 1.0 else not np.any(m)
+    # Teacher EMA (m = 0.999) on θ + u_SGD, not on the restored weights.
+    for k in source:
+        want = 0.999 * np.float64(source[k]) + 0.001 * (
+            np.float64(params[k]) - np.float64(grads[k])
+        )
+        np.testing.assert_allclose(cljax.petal_teacher(state)[k], want, rtol=1e-5, atol=1e-6)
+
+
+def test_fisher_mode_keeps_no_key_and_sres_errors():
+    state = cljax.petal(optax.sgd(1.0)).init({"w": jnp.ones(2)})
+    assert state.key is None
+    with pytest.raises(ValueError, match=r"petal\(restore=...\) must be one of 'fisher', 'random'"):
+        cljax.petal(optax.sgd(1.0), restore="uniform")
+    with pytest.raises(ValueError, match=r"petal\(seed=...\) must be >= 0"):
+        cljax.petal(optax.sgd(1.0), restore="random", seed=-1)
