@@ -18,6 +18,12 @@ from cljax.transforms.sparse.continual import spu as spu
 from cljax.transforms.sparse.continual import spu_accumulate as spu_accumulate
 from cljax.transforms.sparse.continual import spu_set_task as spu_set_task
 from cljax.transforms.sparse.continual import supermask as supermask
+from cljax.transforms.sparse.dsee import DseeWeight as DseeWeight
+from cljax.transforms.sparse.dsee import dsee_grebsmo as dsee_grebsmo
+from cljax.transforms.sparse.dsee import dsee_init as dsee_init
+from cljax.transforms.sparse.dsee import dsee_labels as dsee_labels
+from cljax.transforms.sparse.dsee import dsee_materialize as dsee_materialize
+from cljax.transforms.sparse.dsee import dsee_support as dsee_support
 from cljax.transforms.sparse.dynamic import MagnitudePruningState as MagnitudePruningState
 from cljax.transforms.sparse.dynamic import SetRiglState as SetRiglState
 from cljax.transforms.sparse.dynamic import magnitude_pruning as magnitude_pruning
@@ -58,13 +64,25 @@ from cljax.transforms.sparse.slow_learner import slca as slca
 from cljax.transforms.sparse.slow_learner import slca_init_stats as slca_init_stats
 from cljax.transforms.sparse.slow_learner import slca_sample_features as slca_sample_features
 from cljax.transforms.sparse.slow_learner import slca_update_stats as slca_update_stats
+from cljax.transforms.sparse.structured import DiabloState as DiabloState
+from cljax.transforms.sparse.structured import S2ftGroup as S2ftGroup
+from cljax.transforms.sparse.structured import S2ftState as S2ftState
+from cljax.transforms.sparse.structured import diablo as diablo
+from cljax.transforms.sparse.structured import s2ft as s2ft
+from cljax.transforms.sparse.structured import s2ft_permutations as s2ft_permutations
+from cljax.transforms.sparse.structured import s2ft_permute as s2ft_permute
 from cljax.transforms.sparse.weights import MaskedDecayState as MaskedDecayState
 from cljax.transforms.sparse.weights import masked_decay as masked_decay
 from cljax.transforms.sparse.weights import masked_merge as masked_merge
 from cljax.transforms.sparse.weights import sparse_soup as sparse_soup
 from cljax.transforms.sparse.weights import straight_through_mask as straight_through_mask
+from cljax.transforms.sparse.wise import wise_activation_score as wise_activation_score
+from cljax.transforms.sparse.wise import wise_merge as wise_merge
+from cljax.transforms.sparse.wise import wise_shard_masks as wise_shard_masks
 
 __all__ = [
+    "DiabloState",
+    "DseeWeight",
     "ExclusiveMasksState",
     "FpfState",
     "FreezeBottomLayersState",
@@ -75,11 +93,19 @@ __all__ = [
     "MaskUpdatesState",
     "MaskedDecayState",
     "MiguState",
+    "S2ftGroup",
+    "S2ftState",
     "SetRiglState",
     "SlcaClassStats",
     "SlcaState",
     "SpuState",
     "SurgicalFineTuningState",
+    "diablo",
+    "dsee_grebsmo",
+    "dsee_init",
+    "dsee_labels",
+    "dsee_materialize",
+    "dsee_support",
     "erk_densities",
     "exclusive_masks",
     "exclusive_masks_commit_task",
@@ -105,6 +131,9 @@ __all__ = [
     "migu",
     "nm_mask",
     "random_mask",
+    "s2ft",
+    "s2ft_permutations",
+    "s2ft_permute",
     "set_rigl",
     "slca",
     "slca_init_stats",
@@ -120,4 +149,7 @@ __all__ = [
     "surgical_layer_scores",
     "topk_mask",
     "uniform_densities",
+    "wise_activation_score",
+    "wise_merge",
+    "wise_shard_masks",
 ]
