@@ -8,6 +8,8 @@ projection constrains adamw's final update (``inner=adamw``, ``where='update'``)
   ``--directions`` input directions per matrix (`gpm_add_task` on random activations at threshold
   1), and the capacity is ``tasks * directions`` (the step cost follows the capacity, not the
   count). The embedding (a lookup, not a matmul on inputs) is not projected.
+* ``cuber(adamw)`` with the same bases, one column block per task, after one `cuber_correlate`
+  on a random gradient (the step projects with per-task scales instead of GPM's single basis).
 * ``ogd(adamw)`` with ``--ogd-per-task`` stored whole-model vectors per task.
 * ``agem(adamw)`` with one memory gradient, and ``gem(adamw)`` with one memory gradient per stored
   task, passed as extra arguments (the extra backward passes that compute them are not timed).
@@ -88,6 +90,37 @@ def _gpm_entry(params, tasks: int, directions: int):
     return tx, prepare, lambda: {}, memory
 
 
+def _cuber_entry(params, tasks: int, directions: int):
+    capacity = max(1, tasks * directions)
+    tx = cljax.cuber(capacity, max(tasks, 1), spec=_not_embedding, inner=optax.adamw(LEARNING_RATE))
+
+    def prepare(state):
+        # The gpm entry's activations (cuber_add_task selects columns as gpm_add_task does),
+        # then one correlation judgement from a random gradient, as before a new task.
+        for t in range(tasks):
+            key = jax.random.key(100 + t)
+
+            def acts(path, p, key=key):
+                if _not_embedding(_path(path), p.shape) is None:
+                    return None
+                return jax.random.normal(
+                    jax.random.fold_in(key, p.shape[0]), (directions, p.shape[0])
+                )
+
+            state = cljax.cuber_add_task(state, jax.tree_util.tree_map_with_path(acts, params), 1.0)
+        grads = jax.tree_util.tree_map_with_path(
+            lambda path, g: None if _not_embedding(_path(path), g.shape) is None else g,
+            _random_like(params, jax.random.key(500)),
+        )
+        return cljax.cuber_correlate(state, grads, 0.5, spec=_not_embedding) if tasks else state
+
+    def memory(state):
+        found = cljax.find_state(state, cljax.CuberState)
+        return _st.tree_bytes(found.bases) / max(tasks, 1)
+
+    return tx, prepare, lambda: {}, memory
+
+
 def _path(path) -> str:
     return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
@@ -119,6 +152,8 @@ def make_entries(
     entries: dict[str, tuple] = {"optax.adamw": (optax.adamw(LEARNING_RATE), none, no_extra, zero)}
     for t in tasks:
         entries[f"gpm(adamw), {t} tasks"] = _gpm_entry(params, t, directions)
+    for t in tasks:
+        entries[f"cuber(adamw), {t} tasks"] = _cuber_entry(params, t, directions)
     for t in tasks:
         if t > 0:
             entries[f"ogd(adamw), {t} tasks x {ogd_per_task}"] = _ogd_entry(params, t, ogd_per_task)

@@ -10,12 +10,16 @@ Uses the LLaMA-60M-like tree, the donated jitted step and the round-robin timing
 * ``scale_by_tag`` (RMSProp variant, capacity 3, at the third task) + learning rate;
 * ``clip_by_component_norm`` (per leaf) + adamw;
 * ``add_spectral_penalty`` and ``add_wasserstein_penalty`` + adamw (power iteration / per-leaf sort);
-* ``petal(adam)`` (model-wide quantile of the squared gradient);
+* ``petal(adam)`` (model-wide quantile of the squared gradient) and its SRes variant
+  (``restore='random'``: a Bernoulli draw per entry instead of the quantile);
+* ``hierarchical_reg(adamw)`` (layer-wise and element-wise pull to the initial weights, path
+  integral accumulated every step; the step does the same work whatever the importances hold);
 * ``continual_backprop(adamw)`` on every MLP block (``up`` → ``down``), random activations for a
   batch of 8 tokens per step, replacement rate 1e-4 (almost every step takes the no-reset branch);
 * ``add_shrink_perturb`` every step after adamw.
 
-AQC is left out: its ``P × P`` Hessian is meant for a small head, not a 58 M-parameter tree.
+AQC and neural consolidation are left out: they approximate the old loss over a small head's
+flattened parameters (AQC's ``P × P`` Hessian, NC's regressor), not a 58 M-parameter tree.
 
 Reported: the median step time, the median over rounds of the ratio to optax.adamw in the same
 round, and the optimizer-state bytes relative to adamw's.
@@ -122,6 +126,12 @@ def make_entries(params: Any, capacities: list[int]) -> dict[str, tuple[Any, Cal
         no_extra,
     )
     entries["petal(adam)"] = (cljax.petal(optax.adam(LEARNING_RATE)), none, no_extra)
+    entries["petal(adam), SRes"] = (
+        cljax.petal(optax.adam(LEARNING_RATE), restore="random"),
+        none,
+        no_extra,
+    )
+    entries["hierarchical_reg(adamw)"] = (cljax.hierarchical_reg(adamw(), 1.0), none, no_extra)
     hidden = params["blocks"][0]["mlp"]["up"].shape[1]
     acts = [
         jax.random.uniform(jax.random.key(i), (ACT_BATCH, hidden))
