@@ -9,7 +9,7 @@ import chex
 import optax
 
 from cljax.transforms.low_rank.dion import scale_by_dion
-from cljax.transforms.low_rank.frugal import scale_by_frugal
+from cljax.transforms.low_rank.frugal import BlockOrder, FrugalProjector, scale_by_frugal
 from cljax.transforms.low_rank.projection import (
     InactiveUpdate,
     Layout,
@@ -117,14 +117,15 @@ def frugal(
     inactive_scale: chex.Numeric = 1.0,
     scale: optax.ScalarOrSchedule = 1.0,
     reset_statistics: bool = True,
-    projector: Literal["svd", "randomized", "random"] = "svd",
+    projector: FrugalProjector = "svd",
+    block_order: BlockOrder = "random",
     side: Side = "std",
     matrix_spec: MatrixSpec | Callable[[Any], Any] = MatrixSpec(),
     stagger: bool = False,
     layout: Layout = "flax",
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
-    """FRUGAL: Adam on a low-rank part of each matrix gradient, signSGD on the rest, AdamW decay.
+    """FRUGAL: Adam on part of each matrix gradient, signSGD on the rest, AdamW decay.
 
     ``chain(scale_by_frugal(scale_by_adam(b1, b2, eps), ...), add_decayed_weights(weight_decay,
     mask), scale_by_learning_rate(learning_rate))``: decay reaches every parameter, projected or
@@ -133,12 +134,15 @@ def frugal(
     Args:
         learning_rate: Learning rate or schedule.
         density, refresh_every, inactive_update, inactive_scale, scale, reset_statistics,
-            projector, side, matrix_spec, stagger, layout, seed: As in `cljax.scale_by_frugal`.
+            projector, block_order, side, matrix_spec, stagger, layout, seed: As in
+            `cljax.scale_by_frugal` (``projector='blocks'`` is the reference's default FRUGAL;
+            the default here stays ``'svd'``).
         b1, b2, eps: As in `optax.scale_by_adam`.
         weight_decay, mask: As in `optax.add_decayed_weights`.
 
     Example:
         >>> opt = cljax.frugal(1e-3, density=0.5, refresh_every=10)
+        >>> blocks = cljax.frugal(1e-3, projector="blocks", block_order="ascending")
 
     References:
         Zmushko et al., "FRUGAL: Memory-Efficient Optimization by Reducing State Overhead for
@@ -154,6 +158,7 @@ def frugal(
             inactive_scale=inactive_scale,
             reset_statistics=reset_statistics,
             projector=projector,
+            block_order=block_order,
             side=side,
             matrix_spec=matrix_spec,
             stagger=stagger,

@@ -34,6 +34,29 @@ CASES: dict[str, Case] = {
         {"density": 0.5, "refresh_every": 2, "scale": 0.1, "inactive_scale": 0.1},
         static_args=("density", "refresh_every", "seed", "oversample", "power_iters"),
     ),
+    "scale_by_frugal/blocks": Case(
+        cljax.scale_by_frugal,
+        {
+            "density": 0.5,
+            "refresh_every": 2,
+            "scale": 0.1,
+            "inactive_scale": 0.1,
+            "projector": "blocks",
+            "block_order": "random",
+        },
+        static_args=("density", "refresh_every", "seed", "oversample", "power_iters"),
+    ),
+    "scale_by_frugal/coordinates": Case(
+        cljax.scale_by_frugal,
+        {
+            "density": 0.5,
+            "refresh_every": 2,
+            "scale": 0.1,
+            "inactive_scale": 0.1,
+            "projector": "coordinates",
+        },
+        static_args=("density", "refresh_every", "seed", "oversample", "power_iters"),
+    ),
     # OT-01 8-bit block-wise state.
     "quantize_state": Case(
         cljax.quantize_state,
@@ -133,6 +156,7 @@ NOT_TRANSFORMS = frozenset(
         "decompress_low_rank",
         "effective_rank",
         "lorc_compensate",
+        "low_rank_storage_bytes",
         "timber",
         # LR-07, LR-10, LR-11, LR-13, LR-34: states, pure functions and node types.
         "WithPeriodicResetState",

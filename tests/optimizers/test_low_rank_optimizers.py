@@ -91,6 +91,23 @@ def test_frugal_decays_every_parameter():
     assert_trees_close(u, jax.tree.map(lambda p: -1e-3 * p, PARAMS), rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("projector", ["blocks", "coordinates"])
+def test_frugal_at_full_density_equals_adamw(projector):
+    # Every coordinate state-full and the statistics kept across refreshes: plain AdamW.
+    got = _train(
+        cljax.frugal(
+            1e-2,
+            density=1.0,
+            refresh_every=2,
+            weight_decay=0.1,
+            projector=projector,
+            reset_statistics=False,
+        )
+    )
+    want = _train(optax.adamw(1e-2, weight_decay=0.1))
+    assert_trees_close(got, want, rtol=1e-6, atol=1e-7)
+
+
 def test_online_subspace_descent_projector_lr_tracks_the_schedule():
     schedule = optax.linear_schedule(1e-2, 1e-3, 6)
     got = _train(

@@ -13,6 +13,9 @@ from cljax.transforms.low_rank.compression import compress_low_rank as compress_
 from cljax.transforms.low_rank.compression import decompress_low_rank as decompress_low_rank
 from cljax.transforms.low_rank.compression import effective_rank as effective_rank
 from cljax.transforms.low_rank.compression import lorc_compensate as lorc_compensate
+from cljax.transforms.low_rank.compression import (
+    low_rank_storage_bytes as low_rank_storage_bytes,
+)
 from cljax.transforms.low_rank.compression import timber as timber
 from cljax.transforms.low_rank.dion import ScaleByDionState as ScaleByDionState
 from cljax.transforms.low_rank.dion import scale_by_dion as scale_by_dion
@@ -89,6 +92,7 @@ __all__ = [
     "lora_refactorize",
     "lora_reset_state",
     "lorc_compensate",
+    "low_rank_storage_bytes",
     "mask_adalora_budget",
     "quantize_state",
     "rank_bank_add_task",

@@ -6,6 +6,8 @@
 * `timber` — keep the effective-rank head of each instruct-minus-base delta and shrink its tail.
 * `lorc_compensate` — low-rank compensation of a quantization error (LoRC).
 * `effective_rank` — ``exp`` of the entropy of the normalised singular values.
+* `low_rank_storage_bytes` — the stored size of a compressed tree (quantized factors at ``k``
+  bits a code).
 
 These run eagerly: with the energy, effective-rank and budget policies the stored rank depends on
 the data, so they cannot be traced by `jit` (the fixed-rank policy can).
@@ -33,26 +35,39 @@ __all__ = [
     "decompress_low_rank",
     "effective_rank",
     "lorc_compensate",
+    "low_rank_storage_bytes",
     "timber",
 ]
 
 
 @functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["left", "right"], meta_fields=["spec"]
+    jax.tree_util.register_dataclass,
+    data_fields=["left", "right", "left_scale", "right_scale"],
+    meta_fields=["spec", "bits"],
 )
 @dataclasses.dataclass(frozen=True)
 class LowRankResidual:
     """A compressed matrix residual ``Δ ≈ left @ right`` in the leaf's matrix view.
 
+    Quantized (``bits = k``): `left` and `right` hold int8 codes ``c`` and the factors are
+    ``c · scale``, with one float32 scale per rank component of each factor (a column of `left`,
+    a row of `right`).
+
     Attributes:
-        left: ``(*batch, m, r)``: ``U_r Σ_r^½``.
-        right: ``(*batch, r, n)``: ``Σ_r^½ V_rᵀ``.
+        left: ``(*batch, m, r)``: ``U_r Σ_r^½`` (or its codes).
+        right: ``(*batch, r, n)``: ``Σ_r^½ V_rᵀ`` (or its codes).
         spec: The `MatrixSpec` of the view. Static.
+        left_scale: ``(*batch, r)`` float32 scales of `left`'s columns, or None (not quantized).
+        right_scale: ``(*batch, r)`` float32 scales of `right`'s rows, or None.
+        bits: Bits ``k`` a code, or None (not quantized). Static.
     """
 
     left: Any
     right: Any
     spec: MatrixSpec = MatrixSpec()
+    left_scale: Any = None
+    right_scale: Any = None
+    bits: int | None = None
 
 
 def _is_residual(x: Any) -> bool:
@@ -113,6 +128,29 @@ def _matrix_leaves(fn, reference, other, targets, matrix_spec, names=("finetuned
     return leaves, treedef, treedef.flatten_up_to(other), chosen
 
 
+def _quantize(x: jax.Array, bits: int, axis: int) -> tuple[jax.Array, jax.Array]:
+    """Symmetric absmax quantization to ``bits`` bits along `axis` (reduced per component).
+
+    ``scale = max |x| / (2^{k−1} − 1)`` over `axis` (1 for an all-zero component),
+    ``code = clip(round(x / scale), −(2^{k−1} − 1), 2^{k−1} − 1)`` as int8.
+    """
+    levels = 2 ** (bits - 1) - 1
+    absmax = jnp.max(jnp.abs(x), axis=axis)
+    scale = jnp.where(absmax > 0, absmax / levels, 1.0).astype(jnp.float32)
+    codes = jnp.clip(jnp.round(x / jnp.expand_dims(scale, axis)), -levels, levels)
+    return codes.astype(jnp.int8), scale
+
+
+def _factors(part: LowRankResidual) -> tuple[jax.Array, jax.Array]:
+    """The float32 ``(left, right)`` factors of a residual, decoding quantized codes."""
+    left = part.left.astype(jnp.float32)
+    right = part.right.astype(jnp.float32)
+    if part.left_scale is not None:
+        left = left * part.left_scale[..., None, :]
+        right = right * part.right_scale[..., :, None]
+    return left, right
+
+
 def _svd_all(delta: jax.Array):
     k = min(delta.shape[-2:])
     return jax.vmap(lambda d: _bases.svd_factors(d, k))(delta)
@@ -128,6 +166,7 @@ def compress_low_rank(
     by_effective_rank: bool = False,
     targets: Callable[[Any], Any] | None = None,
     matrix_spec: MatrixSpec = MatrixSpec(),
+    bits: int | None = None,
 ) -> Any:
     """Compresses ``finetuned − base`` leaf by leaf: truncated SVD for matrices, exact otherwise.
 
@@ -142,6 +181,13 @@ def compress_low_rank(
 
     A stack of matrices stores the largest rank of the stack; the others' extra columns are zero.
 
+    With `bits` ``= k`` the factors are stored as ``k``-bit codes (held in int8) with a float32
+    absmax scale per rank component (``s_j = max |column_j| / (2^{k−1} − 1)``,
+    ``code = round(x / s_j)``): each entry is off by at most ``s_j / 2``. Σ is split as
+    ``Σ^½`` on both sides before quantizing, so both factors have the same per-component scale
+    range. `low_rank_storage_bytes` gives the stored size, ``r (m + n) k / 8`` bytes plus ``2 r``
+    float32 scales per matrix.
+
     Args:
         finetuned: Fine-tuned parameters.
         base: Base parameters, same structure and shapes.
@@ -149,9 +195,15 @@ def compress_low_rank(
         targets: Function ``params -> tree of bools`` of the compressed leaves (default: every
             leaf with two or more dims).
         matrix_spec: Matrix view of the compressed leaves.
+        bits: Bits ``k`` a factor entry, in [2, 8], or None to keep the factors in the
+            parameters' dtype.
 
     Returns:
         A tree of `LowRankResidual` and exact-residual leaves; `decompress_low_rank` decodes it.
+
+    Raises:
+        ValueError, TypeError: no or several rank policies; out-of-range values; trees of
+            different structure or shapes.
 
     Example:
         >>> base = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
@@ -181,6 +233,10 @@ def compress_low_rank(
         _checks.check_in_range(fn, "energy", energy, 0.0, 1.0)
     if budget is not None:
         _checks.check_int(fn, "budget", budget, 0)
+    if bits is not None:
+        _checks.check_int(fn, "bits", bits, 2)
+        if bits > 8:
+            raise ValueError(f"{fn}(bits=...) must be in [2, 8] (int8 codes), got {bits}.")
     leaves, treedef, others, chosen = _matrix_leaves(fn, finetuned, base, targets, matrix_spec)
 
     decomposed = {}
@@ -241,12 +297,15 @@ def compress_low_rank(
         name = _checks.leaf_name(path)
         batch_axes, _, _ = matrix_spec.axes(jnp.ndim(w1), name)
         batch_shape = tuple(jnp.shape(w1)[ax] for ax in batch_axes)
+        left = left.reshape(*batch_shape, *left.shape[-2:])
+        right = right.reshape(*batch_shape, *right.shape[-2:])
+        if bits is None:
+            out.append(LowRankResidual(left.astype(dtype), right.astype(dtype), matrix_spec))
+            continue
+        left_codes, left_scale = _quantize(left, bits, axis=-2)
+        right_codes, right_scale = _quantize(right, bits, axis=-1)
         out.append(
-            LowRankResidual(
-                left.reshape(*batch_shape, *left.shape[-2:]).astype(dtype),
-                right.reshape(*batch_shape, *right.shape[-2:]).astype(dtype),
-                matrix_spec,
-            )
+            LowRankResidual(left_codes, right_codes, matrix_spec, left_scale, right_scale, bits)
         )
     return treedef.unflatten(out)
 
@@ -270,8 +329,7 @@ def decompress_low_rank(base: Any, compressed: Any) -> Any:
     for (path, w0), part in zip(leaves, parts, strict=True):
         dtype = jnp.result_type(w0)
         if _is_residual(part):
-            left = part.left.astype(jnp.float32)
-            right = part.right.astype(jnp.float32)
+            left, right = _factors(part)
             batch = math.prod(left.shape[:-2])
             prod = jnp.einsum(
                 "bmr,brn->bmn",
@@ -333,6 +391,41 @@ def timber(
         new = jnp.asarray(wb, jnp.float32) + from_matrices(edited, matrix_spec, jnp.shape(wi), name)
         out.append(new.astype(jnp.result_type(wi)))
     return treedef.unflatten(out)
+
+
+def low_rank_storage_bytes(compressed: Any) -> int:
+    """Bytes to store a `compress_low_rank` tree.
+
+    A `LowRankResidual` of ``b`` matrices of rank ``r`` takes ``b r (m + n) · itemsize`` bytes,
+    or, quantized to ``k`` bits, ``⌈b r (m + n) k / 8⌉`` bytes of packed codes plus ``2 b r``
+    float32 scales (``8 b r`` bytes); an exact residual takes its size times its itemsize.
+    In memory the codes are held one per int8; this counts them packed, as stored on disk.
+
+    Args:
+        compressed: A tree from `compress_low_rank`.
+
+    Returns:
+        The number of bytes (a Python int).
+
+    Example:
+        >>> base = {"w": jnp.zeros((4, 3))}
+        >>> packed = cljax.compress_low_rank({"w": jnp.ones((4, 3))}, base, rank=1, bits=4)
+        >>> cljax.low_rank_storage_bytes(packed)  # ceil(1 · 7 · 4 / 8) + 2 · 4
+        12
+    """
+    total = 0
+    for x in jax.tree.leaves(compressed, is_leaf=_is_residual):
+        if not _is_residual(x):
+            total += int(np.prod(jnp.shape(x))) * jnp.dtype(jnp.result_type(x)).itemsize
+            continue
+        codes = int(np.prod(jnp.shape(x.left))) + int(np.prod(jnp.shape(x.right)))
+        if x.bits is None:
+            total += codes * jnp.dtype(jnp.result_type(x.left)).itemsize
+        else:
+            total += -(-codes * x.bits // 8) + 4 * (
+                int(np.prod(jnp.shape(x.left_scale))) + int(np.prod(jnp.shape(x.right_scale)))
+            )
+    return total
 
 
 def lorc_compensate(

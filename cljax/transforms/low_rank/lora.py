@@ -233,26 +233,53 @@ def _reinit(w: LoraWeight, key: jax.Array, base: Any) -> LoraWeight:
     return dataclasses.replace(w, base=base, a=a, b=b, gate=None if w.gate is None else gate)
 
 
-def lora_merge_and_reset(lora_params: Any, key: jax.Array, *, fraction: float = 1.0) -> Any:
+def lora_merge_and_reset(
+    lora_params: Any,
+    key: jax.Array,
+    *,
+    fraction: float = 1.0,
+    remainder: Literal["drop", "keep"] = "drop",
+) -> Any:
     """Merges each adapter into its base and re-initialises it (ReLoRA / PeriodicLoRA stage end).
 
-    ``W₀ ← W₀ + fraction · scale · a diag(gate) b``; `a` is drawn afresh from ``fold_in(key,
-    i)``, ``b = 0`` and the gates reset, so with ``fraction=1`` the model function is unchanged.
-    Reset the adapters' optimizer state too: `lora_reset_state`.
+    ``W₀ ← W₀ + fraction · scale · a diag(gate) b``. With ``remainder='drop'`` (full unloading)
+    `a` is drawn afresh from ``fold_in(key, i)``, ``b = 0`` and the gates reset, so with
+    ``fraction=1`` the model function is unchanged (below 1 the rest is dropped). With
+    ``remainder='keep'`` (partial unloading) the adapter keeps the unmerged part:
+    ``b ← (1 − fraction) · b`` with `a` and the gates unchanged, so ``W₀ + scale · a diag(gate) b``
+    (the model function) is unchanged for every `fraction` and `key` is unused. Reset the adapters'
+    optimizer state too: `lora_reset_state`.
 
     Args:
         lora_params: A tree with `LoraWeight` nodes.
         key: PRNG key for the new factors.
-        fraction: Part of the adapter merged (1 = full unloading; below 1 the rest is dropped).
+        fraction: Part ``γ`` of the adapter merged (1 = full unloading).
+        remainder: ``'drop'`` (re-initialise the adapter) or ``'keep'`` (scale it by
+            ``1 − fraction``).
+
+    Returns:
+        The tree with merged bases and re-initialised (or scaled) adapters.
+
+    Raises:
+        ValueError: `fraction` outside [0, 1]; an unknown `remainder`.
+
+    Notes:
+        PeriodicLoRA's momentum-based unloading merges only part of the adapter at a stage end;
+        its exact rule is not stated in the sources cljax follows, so it is not reproduced.
+        ``remainder='keep'`` with ``fraction < 1`` is the clearly defined partial unloading
+        ``W₀ ← W₀ + γ ΔW``, ``ΔW ← (1 − γ) ΔW``.
 
     Example:
         >>> lora = cljax.lora_init(jax.random.key(0), {"w": jnp.ones((4, 3))}, rank=2)
         >>> lora = cljax.lora_merge_and_reset(lora, jax.random.key(1))
+        >>> part = cljax.lora_merge_and_reset(lora, jax.random.key(2), fraction=0.5, remainder="keep")
 
     References:
         "PeriodicLoRA: Breaking the Low-Rank Bottleneck in LoRA Optimization", 2024.
     """
-    _checks.check_in_range("lora_merge_and_reset", "fraction", fraction, 0.0, 1.0)
+    fn = "lora_merge_and_reset"
+    _checks.check_in_range(fn, "fraction", fraction, 0.0, 1.0)
+    _checks.check_choice(fn, "remainder", remainder, ("drop", "keep"))
     leaves, treedef = jax.tree.flatten(lora_params, is_leaf=_is_lora)
     out = []
     for i, x in enumerate(leaves):
@@ -260,7 +287,11 @@ def lora_merge_and_reset(lora_params: Any, key: jax.Array, *, fraction: float = 
             out.append(x)
             continue
         merged = (x.base.astype(jnp.float32) + fraction * _delta(x)).astype(jnp.result_type(x.base))
-        out.append(_reinit(x, jax.random.fold_in(key, i), merged))
+        if remainder == "keep":
+            kept = (x.b.astype(jnp.float32) * (1.0 - fraction)).astype(jnp.result_type(x.b))
+            out.append(dataclasses.replace(x, base=merged, b=kept))
+        else:
+            out.append(_reinit(x, jax.random.fold_in(key, i), merged))
     return treedef.unflatten(out)
 
 

@@ -36,6 +36,10 @@ def _tuned(rank=None):
     }
 
 
+def _np(x):
+    return np.asarray(x, np.float64)
+
+
 def _sigma(x):
     return np.linalg.svd(np.asarray(x, np.float64), compute_uv=False)
 
@@ -151,6 +155,83 @@ def test_timber():
 
 
 @pytest.mark.slow
+def _np_quantize(x, bits, axis):
+    """Reference symmetric absmax quantizer (float64): codes and per-component scales."""
+    x = np.asarray(x, np.float64)
+    levels = 2 ** (bits - 1) - 1
+    absmax = np.max(np.abs(x), axis=axis)
+    scale = np.where(absmax > 0, absmax / levels, 1.0)
+    codes = np.clip(np.round(x / np.expand_dims(scale, axis)), -levels, levels)
+    return codes, scale
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_quantized_factors_match_a_numpy_quantizer_and_bound_the_error(bits):
+    tuned = _tuned()
+    plain = cljax.compress_low_rank(tuned, BASE, rank=3)
+    packed = cljax.compress_low_rank(tuned, BASE, rank=3, bits=bits)
+    out = cljax.decompress_low_rank(BASE, packed)
+    np.testing.assert_array_equal(out["b"], tuned["b"])  # vectors stay exact
+    for k in ("w", "k"):
+        q = packed[k]
+        assert q.left.dtype == jnp.int8 and q.right.dtype == jnp.int8 and q.bits == bits
+        lc, ls = _np_quantize(plain[k].left, bits, axis=-2)
+        rc, rs = _np_quantize(plain[k].right, bits, axis=-1)
+        np.testing.assert_allclose(q.left_scale, ls, rtol=1e-6)
+        np.testing.assert_allclose(q.right_scale, rs, rtol=1e-6)
+        for got, want in ((q.left, lc), (q.right, rc)):  # a rounding tie may go either way
+            assert np.max(np.abs(np.asarray(got) - want)) <= 1
+            assert np.mean(np.asarray(got) == want) > 0.99
+        # Entry-wise error at most half a step; the product error by the triangle inequality.
+        left, right = _np(plain[k].left), _np(plain[k].right)
+        left_q = np.asarray(q.left, np.float64) * _np(q.left_scale)[..., None, :]
+        right_q = np.asarray(q.right, np.float64) * _np(q.right_scale)[..., :, None]
+        assert np.all(np.abs(left - left_q) <= 0.5 * _np(q.left_scale)[..., None, :] * (1 + 1e-6))
+        assert np.all(
+            np.abs(right - right_q) <= 0.5 * _np(q.right_scale)[..., :, None] * (1 + 1e-6)
+        )
+        delta = (_np(tuned[k]) - _np(BASE[k])).reshape(-1, *tuned[k].shape[-2:])
+        left, right = left.reshape(-1, *left.shape[-2:]), right.reshape(-1, *right.shape[-2:])
+        left_q, right_q = left_q.reshape(left.shape), right_q.reshape(right.shape)
+        decoded = (_np(out[k]) - _np(BASE[k])).reshape(delta.shape)
+        for j in range(delta.shape[0]):
+            truncation = np.sqrt(np.sum(_sigma(delta[j])[3:] ** 2))
+            fro = np.linalg.norm
+            bound = (
+                truncation
+                + fro(left[j] - left_q[j]) * fro(right[j])
+                + fro(left_q[j]) * fro(right[j] - right_q[j])
+            )
+            assert fro(delta[j] - decoded[j]) <= bound * (1 + 1e-5) + 1e-5
+            np.testing.assert_allclose(decoded[j], left_q[j] @ right_q[j], rtol=1e-5, atol=1e-5)
+
+
+def test_more_bits_give_a_smaller_error_and_zero_deltas_stay_exact():
+    tuned = _tuned()
+    errors = []
+    for bits in (2, 4, 8, None):
+        out = cljax.decompress_low_rank(
+            BASE, cljax.compress_low_rank(tuned, BASE, rank=4, bits=bits)
+        )
+        errors.append(sum(float(jnp.sum((out[k] - tuned[k]) ** 2)) for k in ("w", "k")))
+    assert errors[0] > errors[1] > errors[2] > errors[3] * (1 - 1e-6)
+    same = cljax.decompress_low_rank(BASE, cljax.compress_low_rank(BASE, BASE, rank=2, bits=3))
+    assert_trees_close(same, BASE, rtol=0, atol=0)
+
+
+def test_storage_bytes_formula():
+    tuned = _tuned()
+    # rank 2, 4 bits: w (9, 6): ceil(2·15·4/8) = 15 code bytes + 2·2 scales · 4 = 16 -> 31;
+    # k (2, 5, 7): 2·2·12 = 48 codes -> 24 bytes + 2·2·2 scales · 4 = 32 -> 56; b: 6 · 4 = 24.
+    packed = cljax.compress_low_rank(tuned, BASE, rank=2, bits=4)
+    assert cljax.low_rank_storage_bytes(packed) == 31 + 56 + 24
+    # float32 factors: (2·15 + 48) · 4 + 24.
+    plain = cljax.compress_low_rank(tuned, BASE, rank=2)
+    assert cljax.low_rank_storage_bytes(plain) == (30 + 48) * 4 + 24
+    stored = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(plain))
+    assert cljax.low_rank_storage_bytes(plain) == stored
+
+
 def test_lorc_compensates_quantization_error():
     w = {"w": jax.random.normal(jax.random.key(4), (12, 8))}
     q = jax.tree.map(lambda x: jnp.round(x * 2) / 2, w)
@@ -195,6 +276,10 @@ def test_errors():
         cljax.compress_low_rank(BASE, BASE, budget=-1)
     with pytest.raises(ValueError, match=r"compress_low_rank\(rank=...\) must be >= 0"):
         cljax.compress_low_rank(BASE, BASE, rank=-1)
+    with pytest.raises(ValueError, match=r"compress_low_rank\(bits=...\) must be >= 2"):
+        cljax.compress_low_rank(BASE, BASE, rank=1, bits=1)
+    with pytest.raises(ValueError, match=r"compress_low_rank\(bits=...\) must be in \[2, 8\]"):
+        cljax.compress_low_rank(BASE, BASE, rank=1, bits=9)
     with pytest.raises(
         ValueError, match=r"compress_low_rank: leaf 'b' has shape \(5,\) in `base` but \(6,\)"
     ):

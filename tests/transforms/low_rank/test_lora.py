@@ -104,6 +104,56 @@ def test_periodic_lora_stages_accumulate_rank_at_most_k_r():
     assert rank == 6
 
 
+def _np_delta(w):
+    """``scale · a diag(gate) b`` per matrix in float64, in the base leaf's shape."""
+    a, b = _np(w.a), _np(w.b)
+    if w.gate is not None:
+        a = a * _np(w.gate)[..., None, :]
+    return w.scale * (a @ b)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 1.0])
+def test_partial_unloading_keeps_the_function_and_scales_the_adapter(fraction):
+    lora = _trained(cljax.lora_init(jax.random.key(2), PARAMS, rank=2, alpha=2.0, gates=True))
+    out = cljax.lora_merge_and_reset(lora, jax.random.key(3), fraction=fraction, remainder="keep")
+    assert_trees_close(cljax.lora_apply(out), cljax.lora_apply(lora), rtol=1e-5, atol=1e-5)
+    for k in ("dense", "stack"):
+        want_base = _np(lora[k].base) + fraction * _np_delta(lora[k])
+        np.testing.assert_allclose(out[k].base, want_base, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out[k].b, (1 - fraction) * _np(lora[k].b), rtol=1e-6)
+        np.testing.assert_array_equal(out[k].a, lora[k].a)
+        np.testing.assert_array_equal(out[k].gate, lora[k].gate)
+    np.testing.assert_array_equal(out["bias"], lora["bias"])
+
+
+def test_periodic_lora_partial_unloading_over_stages():
+    params = {"w": jnp.zeros((8, 7))}
+    lora = cljax.lora_init(jax.random.key(0), params, rank=2)
+    tx = optax.partition(
+        {"lora": optax.adam(1e-2), "frozen": optax.set_to_zero()}, cljax.lora_labels(lora)
+    )
+    base = np.zeros((8, 7))
+    for stage in range(3):
+        lora = _trained(lora, key=10 + stage)
+        state = tx.init(lora)
+        grads = jax.tree.map(jnp.ones_like, lora)
+        for _ in range(2):
+            _, state = tx.update(grads, state, lora)
+        before = cljax.lora_apply(lora)
+        base = base + 0.5 * _np_delta(lora["w"])
+        lora = cljax.lora_merge_and_reset(
+            lora, jax.random.key(stage), fraction=0.5, remainder="keep"
+        )
+        assert_trees_close(cljax.lora_apply(lora), before, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(lora["w"].base, base, rtol=1e-5, atol=1e-5)
+        assert np.linalg.matrix_rank(_np(lora["w"].base), tol=1e-4) <= 2 * (stage + 1)
+        trained = cljax.find_state(state, optax.ScaleByAdamState)
+        assert any(np.any(np.asarray(x)) for x in jax.tree.leaves(trained.mu))
+        adam = cljax.find_state(cljax.lora_reset_state(state, lora), optax.ScaleByAdamState)
+        assert int(adam.count) == 0
+        assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves((adam.mu, adam.nu)))
+
+
 def test_only_factors_train_in_a_partition_and_reset_clears_their_state():
     lora = cljax.lora_init(jax.random.key(0), PARAMS, rank=2)
     tx = optax.partition(
@@ -263,6 +313,8 @@ def test_errors():
         cljax.lora_init(jax.random.key(0), PARAMS, rank=2, targets=lambda p: [True])
     with pytest.raises(ValueError, match=r"lora_merge_and_reset\(fraction=...\) must be in"):
         cljax.lora_merge_and_reset(PARAMS, jax.random.key(0), fraction=2.0)
+    with pytest.raises(ValueError, match=r"lora_merge_and_reset\(remainder=...\) must be one of"):
+        cljax.lora_merge_and_reset(PARAMS, jax.random.key(0), remainder="scale")
     with pytest.raises(ValueError, match=r"lora_gate_prox\(threshold=...\) must be in"):
         cljax.lora_gate_prox(PARAMS, -1.0)
     with pytest.raises(ValueError, match=r"fedex_lora_average: `adapters` is empty"):
