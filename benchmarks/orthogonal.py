@@ -25,6 +25,7 @@ Usage:
     python benchmarks/orthogonal.py                 # full tree (58.1 M params; GEM/OGD at 20
                                                     #   tasks hold 20 copies of the gradients)
     python benchmarks/orthogonal.py --small         # a small tree, a quick check
+    python benchmarks/orthogonal.py --mid           # a 7.3 M-parameter tree (memory scaling)
     python benchmarks/orthogonal.py --only gpm,gem --tasks 0,5,20
 """
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import resource
 import statistics
 import sys
 from pathlib import Path
@@ -121,6 +123,29 @@ def _cuber_entry(params, tasks: int, directions: int):
     return tx, prepare, lambda: {}, memory
 
 
+def _mid_shapes() -> dict[str, Any]:
+    """The LLaMA-like tree at about 1/8 of the full size (7.3 M params, 39 leaves)."""
+    vocab, width, hidden, depth = 8000, 256, 688, 4
+    block = {
+        "attn": {name: (width, width) for name in ("q", "k", "v", "o")},
+        "mlp": {"gate": (width, hidden), "up": (width, hidden), "down": (hidden, width)},
+        "attn_norm": (width,),
+        "mlp_norm": (width,),
+    }
+    return {
+        "embed": (vocab, width),
+        "blocks": [block] * depth,
+        "final_norm": (width,),
+        "head": (width, vocab),
+    }
+
+
+def _peak_resident() -> int:
+    """Peak resident set size of this process in bytes (Linux and macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
 def _path(path) -> str:
     return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
@@ -130,9 +155,11 @@ def _ogd_entry(params, tasks: int, per_task: int):
     tx = cljax.ogd(capacity, inner=optax.adamw(LEARNING_RATE))
 
     def prepare(state):
+        # donate=True: each call writes into the basis in place, so filling it needs the basis
+        # plus a few model-sized vectors (a non-donated call also holds the old basis).
         for t in range(tasks):
             state = cljax.ogd_add_task(
-                state, _random_like(params, jax.random.key(200 + t), (per_task,))
+                state, _random_like(params, jax.random.key(200 + t), (per_task,)), donate=True
             )
         return state
 
@@ -197,6 +224,11 @@ def main(argv: list[str] | None = None) -> None:
         "--small", action="store_true", help="a much smaller tree, for a quick check"
     )
     parser.add_argument(
+        "--mid",
+        action="store_true",
+        help="a mid-size tree (7.3 M params: vocab 8000, width 256, 4 blocks), between the two",
+    )
+    parser.add_argument(
         "--tasks", default="0,5,20", help="stored-task counts, comma-separated (default 0,5,20)"
     )
     parser.add_argument(
@@ -213,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     tasks = [int(t) for t in args.tasks.split(",") if t.strip()]
 
-    shapes = _st.llama_like_shapes(args.small)
+    shapes = _mid_shapes() if args.mid else _st.llama_like_shapes(args.small)
     params = _st.random_tree(shapes, jax.random.key(0), 0.02)
     grads = _st.random_tree(shapes, jax.random.key(1), 1e-3)
     n_params = sum(x.size for x in jax.tree.leaves(params))
@@ -261,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
             f"| {r.name} | {1e3 * median:.1f} | {ratio:.2f} | {r.state_bytes / baseline.state_bytes:.2f} "
             f"| {r.memory_per_task / 2**20:.2f} |"
         )
+    print(f"\nPeak resident memory of the process: {_peak_resident() / 2**30:.2f} GiB")
     for r in runners:
         r.free()
 

@@ -278,19 +278,21 @@ def find_states(opt_state: Any, state_type: StateQuery) -> list[Any]:
         opt_state: Any optimizer state (nested chain / partition / masked / injected states).
         state_type: A state class, a tuple of classes, or a predicate ``state -> bool``.
     """
-    is_match = _matcher(state_type)
     found: list[Any] = []
-
-    def walk(node):
-        if is_match(node):
-            found.append(node)
-        level = _one_level(node)
-        if level is not None:
-            for child in level[0]:
-                walk(child)
-
-    walk(opt_state)
+    _collect(opt_state, _matcher(state_type), found)
     return found
+
+
+# Module-level recursions rather than nested closures: a recursive closure refers to itself, and
+# the reference cycle would keep the states it touched alive until a garbage collection (a
+# whole-model basis replaced at a task boundary would linger).
+def _collect(node: Any, is_match: Callable[[Any], bool], found: list[Any]) -> None:
+    if is_match(node):
+        found.append(node)
+    level = _one_level(node)
+    if level is not None:
+        for child in level[0]:
+            _collect(child, is_match, found)
 
 
 def _pick(fn: str, opt_state: Any, state_type: StateQuery, index: int | None) -> int:
@@ -351,22 +353,21 @@ def replace_state(
     """
     query = type(new_state) if state_type is None else state_type
     target = _pick("replace_state", opt_state, query, index)
-    is_match = _matcher(query)
-    seen = [0]
+    return _rebuild(opt_state, _matcher(query), [0], target, new_state)
 
-    def rebuild(node):  # the same pre-order walk as `find_states`
-        if is_match(node):
-            i = seen[0]
-            seen[0] += 1
-            if i == target:
-                return new_state
-        level = _one_level(node)
-        if level is None:
-            return node
-        children, treedef = level
-        rebuilt = [rebuild(child) for child in children]
-        if all(new is old for new, old in zip(rebuilt, children, strict=True)):
-            return node  # untouched sub-trees stay the very same objects
-        return treedef.unflatten(rebuilt)
 
-    return rebuild(opt_state)
+def _rebuild(node: Any, is_match, seen: list[int], target: int, new_state: Any) -> Any:
+    """The pre-order walk of `_collect`, replacing match number `target` by `new_state`."""
+    if is_match(node):
+        i = seen[0]
+        seen[0] += 1
+        if i == target:
+            return new_state
+    level = _one_level(node)
+    if level is None:
+        return node
+    children, treedef = level
+    rebuilt = [_rebuild(child, is_match, seen, target, new_state) for child in children]
+    if all(new is old for new, old in zip(rebuilt, children, strict=True)):
+        return node  # untouched sub-trees stay the very same objects
+    return treedef.unflatten(rebuilt)

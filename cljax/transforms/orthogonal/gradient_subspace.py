@@ -3,7 +3,8 @@
 The state holds an orthonormal set of whole-parameter vectors (one ``(capacity,) + leaf.shape``
 float32 block per leaf, rows beyond a valid count zero); every update loses its component along
 them, with inner products over all leaves jointly. `ogd_add_task` appends a finished task's
-output gradients (Gram–Schmidt, OGD) or their top principal directions (PCA-OGD). Memory is
+output gradients (Gram–Schmidt, OGD) or their top principal directions (PCA-OGD) leaf by leaf,
+writing rows in place (``donate=True`` reuses the caller's basis buffers). Memory is
 ``capacity * num_params`` floats: meant for small models.
 """
 
@@ -122,41 +123,116 @@ def ogd(
 # Task boundaries.
 
 
-def _gram_schmidt(basis, count, vecs):
-    """Appends each row of `vecs` (two-pass Gram–Schmidt); skips rows already in the span."""
-    cap = basis.shape[0]
+def _coefs(bases, rows):
+    """``sum_l rows_l @ bases_l^T``: (m, capacity) inner products over all leaves jointly."""
+    cap = bases[0].shape[0]
+    out = 0.0
+    for b, r in zip(bases, rows, strict=True):
+        # ``b @ r^T``, not ``r @ b^T``: a transposed basis operand makes XLA copy the whole basis.
+        out = out + _common.mm(b.reshape(cap, -1), r.reshape(r.shape[0], -1).T).T
+    return out
+
+
+def _minus(bases, rows, coef):
+    """``rows_l - coef @ bases_l`` per leaf (each row loses its component along the basis)."""
+    cap = bases[0].shape[0]
+    return [
+        r - _common.mm(coef, b.reshape(cap, -1)).reshape(r.shape)
+        for b, r in zip(bases, rows, strict=True)
+    ]
+
+
+def _project_out_twice(bases, rows):
+    rows = _minus(bases, rows, _coefs(bases, rows))
+    return _minus(bases, rows, _coefs(bases, rows))
+
+
+def _sq_norms(rows):
+    """(m,) squared norms of the rows over all leaves jointly."""
+    return sum(jnp.sum(r.reshape(r.shape[0], -1) ** 2, axis=1) for r in rows)
+
+
+def _write_row(bases, idx, rows, write):
+    """Row `idx` of every leaf's basis becomes `rows` (one ``leaf.shape`` array each) if `write`.
+
+    An in-place `dynamic_update_slice`: with the basis donated no copy of it is made.
+    """
+    out = []
+    for b, r in zip(bases, rows, strict=True):
+        old = jax.lax.dynamic_index_in_dim(b, idx, keepdims=True)
+        new = jnp.where(write, r.reshape(old.shape).astype(b.dtype), old)
+        out.append(jax.lax.dynamic_update_index_in_dim(b, new, idx, 0))
+    return tuple(out)
+
+
+def _gram_schmidt(bases, count, vecs):
+    """Appends each stacked vector of `vecs` (two-pass Gram–Schmidt); skips those in the span.
+
+    `bases` and `vecs` are tuples of per-leaf arrays, ``(capacity,) + shape`` float32 and
+    ``(n,) + shape``. Works leaf by leaf (no concatenated copy of the basis or of the vectors)
+    and writes each new row in place, so the memory beyond the basis is a few model-sized vectors.
+    """
+    cap = bases[0].shape[0]
 
     def body(i, carry):
         b, c, needed = carry
-        v = vecs[i]
-        r = v - jnp.matmul(jnp.matmul(b, v, precision=_HIGHEST), b, precision=_HIGHEST)
-        r = r - jnp.matmul(jnp.matmul(b, r, precision=_HIGHEST), b, precision=_HIGHEST)
-        nv, nr = jnp.linalg.norm(v), jnp.linalg.norm(r)
+        v = [jax.lax.dynamic_index_in_dim(x, i, keepdims=True).astype(jnp.float32) for x in vecs]
+        r = _project_out_twice(b, v)
+        nv, nr = jnp.sqrt(_sq_norms(v)[0]), jnp.sqrt(_sq_norms(r)[0])
         keep = (nr > _GS_RTOL * nv) & (nv > 0)
-        row = r / jnp.where(keep, nr, 1.0)
+        scale = jnp.where(keep, nr, 1.0)
         write = keep & (c < cap)
-        idx = jnp.minimum(c, cap - 1)
-        b = b.at[idx].set(jnp.where(write, row, b[idx]))
+        b = _write_row(b, jnp.minimum(c, cap - 1), [x / scale for x in r], write)
         return b, c + write.astype(jnp.int32), needed + keep.astype(jnp.int32)
 
-    return jax.lax.fori_loop(0, vecs.shape[0], body, (basis, count, count))
+    return jax.lax.fori_loop(0, vecs[0].shape[0], body, (tuple(bases), count, count))
 
 
-def _principal(basis, count, vecs, k):
-    """Appends the top-`k` left singular vectors of the residual of ``vecs.T`` (PCA-OGD)."""
-    vt = vecs.T
-    resid = vt - _common.mm(basis.T, _common.mm(basis, vt))
-    resid = resid - _common.mm(basis.T, _common.mm(basis, resid))
-    u, s = _common.left_singular(resid)
-    energy = jnp.sum(vecs * vecs)
-    new, new_count, needed = _common.orthonormal_extend(
-        basis.T, count, u, k, s * s, energy, _PCA_RTOL
-    )
-    return new.T, new_count, needed
+def _principal(bases, count, vecs, k_rule):
+    """Appends the top-`k_rule` principal directions of the residual of `vecs` (PCA-OGD).
+
+    Leaf by leaf as `_gram_schmidt` (the same steps as `_common.orthonormal_extend` on the
+    transposed layout): the basis is projected out of the ``n`` vectors twice; the left singular
+    vectors of the residual (one ``(num_params, n)`` matrix, the size of the gradients given)
+    that carry more than `_PCA_RTOL` of the vectors' energy and are not already in the span are
+    re-projected, orthonormalised (QR) and written in place after row `count`.
+    """
+    cap = bases[0].shape[0]
+    n = vecs[0].shape[0]
+    sizes = [int(np.prod(b.shape[1:])) for b in bases]
+    v = [x.astype(jnp.float32).reshape(n, -1) for x in vecs]
+    resid = _project_out_twice(bases, v)
+    u, s = _common.left_singular(jnp.concatenate(resid, axis=1).T)  # (num_params, r)
+    del resid
+    r = u.shape[1]
+    energy = jnp.sum(_sq_norms(v))
+    offsets = np.cumsum([0] + sizes)
+    cands = [u[a:z].T for a, z in zip(offsets[:-1], offsets[1:], strict=True)]  # (r, size)
+    cands = _project_out_twice(bases, cands)
+    norms = jnp.sqrt(_sq_norms(cands))
+    ok = (s * s > _PCA_RTOL * energy) & (norms > 0.5)  # noise, or a direction already stored
+    k_ok = jnp.sum(jnp.cumprod(ok.astype(jnp.int32)))
+    k = jnp.minimum(jnp.minimum(k_rule, k_ok), offsets[-1] - count).astype(jnp.int32)
+    keep = (jnp.arange(r) < k).astype(jnp.float32)
+    q, _ = jnp.linalg.qr(jnp.concatenate([c * keep[:, None] for c in cands], axis=1).T)
+    q = (q * keep[None, :]).T  # (r, num_params), rows >= k zero
+    rows = [q[:, a:z] for a, z in zip(offsets[:-1], offsets[1:], strict=True)]
+
+    def body(t, b):
+        j = count + t
+        row = [jax.lax.dynamic_index_in_dim(x, t, keepdims=False) for x in rows]
+        return _write_row(b, jnp.minimum(j, cap - 1), row, (t < k) & (j < cap))
+
+    new = jax.lax.fori_loop(0, r, body, tuple(bases))
+    needed = (count + k).astype(jnp.int32)
+    return new, jnp.minimum(needed, cap).astype(jnp.int32), needed
 
 
 _GRAM_SCHMIDT = jax.jit(_gram_schmidt)
 _PRINCIPAL = jax.jit(_principal)
+# The same work writing into the caller's basis buffers (``ogd_add_task(..., donate=True)``).
+_GRAM_SCHMIDT_DONATED = jax.jit(_gram_schmidt, donate_argnums=(0,))
+_PRINCIPAL_DONATED = jax.jit(_principal, donate_argnums=(0,))
 
 
 def ogd_add_task(
@@ -165,6 +241,7 @@ def ogd_add_task(
     *,
     num_components: int | None = None,
     index: int | None = None,
+    donate: bool = False,
 ) -> Any:
     """Appends a finished task's output gradients to the `ogd` basis (OGD or PCA-OGD).
 
@@ -175,6 +252,10 @@ def ogd_add_task(
     the residual are appended (fewer when its numerical rank is below ``k``); ``k = n`` spans the
     same space as OGD. Runs eagerly; its work is jitted once per shape.
 
+    Memory: the work runs leaf by leaf and writes the new rows in place, so beyond `opt_state`
+    and `gradients` it needs a few model-sized vectors (OGD) or a few copies of `gradients`
+    (PCA-OGD), plus one new copy of the basis unless `donate`.
+
     Args:
         opt_state: The whole optimizer state holding one `OgdState`.
         gradients: A tree with the params' structure whose leaves stack ``n`` gradients,
@@ -182,6 +263,10 @@ def ogd_add_task(
             not see (masked, partitioned) are ignored.
         num_components: ``k`` for PCA-OGD; None for OGD. Static.
         index: Which `OgdState` when the optimizer holds several.
+        donate: Write the new rows into the basis buffers of `opt_state` instead of a copy (the
+            basis arrays of the `opt_state` passed in are deleted; use only the returned state).
+            Skipped, so that a capacity error leaves `opt_state` intact, when the ``n`` vectors
+            might not fit in the free rows.
 
     Returns:
         `opt_state` with the vectors appended.
@@ -227,7 +312,7 @@ def ogd_add_task(
         return opt_state
     cap = leaves[active[0]].shape[0]
     n = None
-    rows = []
+    vecs = []
     for i in active:
         name, b = names[i], leaves[i]
         if name not in given:
@@ -246,14 +331,21 @@ def ogd_add_task(
                 "(the same number of stacked gradients n for every leaf, then the leaf's shape)."
             )
         n = g.shape[0]
-        rows.append(g.astype(jnp.float32).reshape(n, -1))
-    vecs = jnp.concatenate(rows, axis=1)
-    flat = jnp.concatenate([leaves[i].reshape(cap, -1) for i in active], axis=1)
+        vecs.append(g)
+    bases = tuple(leaves[i] for i in active)
+    adds = n if num_components is None else min(n, num_components)
+    donate = (
+        bool(donate)
+        and int(_common.host_int(state.count)) + adds <= cap  # cannot raise the capacity error
+        and len({id(b) for b in bases}) == len(bases)
+    )
     if num_components is None:
-        new, count, needed = _GRAM_SCHMIDT(flat, state.count, vecs)
+        work = _GRAM_SCHMIDT_DONATED if donate else _GRAM_SCHMIDT
+        new, count, needed = work(bases, state.count, tuple(vecs))
     else:
-        new, count, needed = _PRINCIPAL(
-            flat, state.count, vecs, jnp.asarray(num_components, jnp.int32)
+        work = _PRINCIPAL_DONATED if donate else _PRINCIPAL
+        new, count, needed = work(
+            bases, state.count, tuple(vecs), jnp.asarray(num_components, jnp.int32)
         )
     needed = int(_common.host_int(needed))
     if needed > cap:
@@ -262,12 +354,10 @@ def ogd_add_task(
             "larger `capacity`, store fewer gradients per task, or use PCA-OGD (`num_components`)."
         )
     out = list(leaves)
-    start = 0
-    for i in active:
-        size = int(np.prod(leaves[i].shape[1:]))
-        out[i] = new[:, start : start + size].reshape(leaves[i].shape)
-        start += size
+    for i, b in zip(active, new, strict=True):
+        out[i] = b
     new_state = state._replace(count=count, basis=jax.tree.unflatten(treedef, out))
+    del state, leaves, bases, new
     return _tree.replace_state(opt_state, new_state, index=index)
 
 

@@ -272,3 +272,96 @@ def test_errors():
         cljax.ogd_output_gradients(lambda p, x: x, params, jnp.ones((2, 3)), variant="max")
     with pytest.raises(TypeError, match=r"ogd_output_gradients\(logit_fn=...\) must be callable"):
         cljax.ogd_output_gradients(3, params, jnp.ones((2, 3)), jnp.zeros(2, int))
+
+
+def test_many_vectors_in_one_call_equal_one_by_one():
+    rng = np.random.default_rng(12)
+    params = rand_tree(rng)
+    grads = rand_tree(rng, lead=(5,))
+    tx = cljax.ogd(capacity=8)
+    once = cljax.ogd_add_task(tx.init(params), grads)
+    state = tx.init(params)
+    for i in range(5):
+        state = cljax.ogd_add_task(state, jax.tree.map(lambda x, i=i: x[i : i + 1], grads))
+    assert int(state.count) == int(once.count) == 5
+    np.testing.assert_allclose(basis_rows(state), basis_rows(once), atol=1e-6)
+    np.testing.assert_allclose(basis_rows(once), np_gs(np.zeros((0, P)), flat(grads, 1)), atol=1e-5)
+    # Rows beyond the count stay zero.
+    assert np.all(flat(once.basis, lead=1)[5:] == 0.0)
+
+
+@pytest.mark.parametrize("k", [None, 2])
+def test_donate_writes_in_place_with_the_same_result(k):
+    rng = np.random.default_rng(13)
+    params = {**rand_tree(rng), "frozen": jnp.zeros(2)}
+    labels = {"b": "t", "w": "t", "frozen": "f"}
+    tx = optax.partition({"t": cljax.ogd(capacity=7), "f": optax.set_to_zero()}, labels)
+    first = {**rand_tree(rng, lead=(2,)), "frozen": jnp.ones((2, 2))}
+    second = {**rand_tree(rng, lead=(3,)), "frozen": jnp.ones((3, 2))}
+    plain = cljax.ogd_add_task(cljax.ogd_add_task(tx.init(params), first), second, num_components=k)
+    old = cljax.ogd_add_task(tx.init(params), first, donate=True)
+    new = cljax.ogd_add_task(old, second, num_components=k, donate=True)
+    old_basis = jax.tree.leaves(cljax.find_state(old, cljax.OgdState).basis)
+    assert old_basis and all(x.is_deleted() for x in old_basis)
+    got, want = cljax.find_state(new, cljax.OgdState), cljax.find_state(plain, cljax.OgdState)
+    assert int(got.count) == int(want.count) == (5 if k is None else 4)
+    trained = lambda s: {name: s.basis[name] for name in ("b", "w")}
+    np.testing.assert_allclose(flat(trained(got), lead=1), flat(trained(want), lead=1), atol=1e-6)
+
+
+def test_donate_is_skipped_when_the_vectors_may_not_fit():
+    rng = np.random.default_rng(14)
+    params = rand_tree(rng)
+    state = cljax.ogd(capacity=2).init(params)
+    with pytest.raises(
+        ValueError, match=r"ogd_add_task: the basis needs 3 vectors, but the capacity is 2"
+    ):
+        cljax.ogd_add_task(state, rand_tree(rng, lead=(3,)), donate=True)
+    assert not any(x.is_deleted() for x in jax.tree.leaves(state))
+    # Three vectors of rank two fit in two rows; the state passed in stays valid.
+    two = rand_tree(rng, lead=(2,))
+    dup = jax.tree.map(lambda x: jnp.concatenate([x, x[:1] * 2.0]), two)
+    out = cljax.ogd_add_task(state, dup, donate=True)
+    assert int(out.count) == 2
+    assert not any(x.is_deleted() for x in jax.tree.leaves(state))
+    np.testing.assert_allclose(basis_rows(out), np_gs(np.zeros((0, P)), flat(two, 1)), atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [None, 3])
+def test_bf16_gradients_match_their_float32_values(k):
+    rng = np.random.default_rng(15)
+    params = rand_tree(rng)
+    grads = jax.tree.map(lambda x: x.astype(jnp.bfloat16), rand_tree(rng, lead=(3,)))
+    tx = cljax.ogd(capacity=4)
+    a = cljax.ogd_add_task(tx.init(params), grads, num_components=k)
+    b = cljax.ogd_add_task(
+        tx.init(params), jax.tree.map(lambda x: x.astype(jnp.float32), grads), num_components=k
+    )
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(a.basis))
+    np.testing.assert_allclose(flat(a.basis, lead=1), flat(b.basis, lead=1), atol=1e-6)
+
+
+@pytest.mark.parametrize("pca", [False, True])
+def test_task_boundary_memory_does_not_grow_with_capacity(pca):
+    """XLA's own accounting: the work needs a few model-sized vectors (OGD) or a few copies of
+    the given gradients (PCA-OGD) beyond the basis, whatever the capacity, and the donated
+    version writes its output into the basis buffers."""
+    shapes = [(64, 32), (32,), (4, 2, 8)]
+    vector = 4 * sum(int(np.prod(s)) for s in shapes)
+    n = 3
+    S = jax.ShapeDtypeStruct
+    for cap in (2, 24):
+        args = (
+            tuple(S((cap,) + s, jnp.float32) for s in shapes),
+            S((), jnp.int32),
+            tuple(S((n,) + s, jnp.float32) for s in shapes),
+        )
+        if pca:
+            plain, donated = ogd_module._PRINCIPAL, ogd_module._PRINCIPAL_DONATED
+            args += (S((), jnp.int32),)
+        else:
+            plain, donated = ogd_module._GRAM_SCHMIDT, ogd_module._GRAM_SCHMIDT_DONATED
+        stats = plain.lower(*args).compile().memory_analysis()
+        assert stats.temp_size_in_bytes <= ((2 * n + 1) if pca else 3) * vector
+        stats = donated.lower(*args).compile().memory_analysis()
+        assert stats.alias_size_in_bytes == cap * vector
