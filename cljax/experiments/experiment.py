@@ -119,6 +119,8 @@ def run_experiment(
         for seed in seeds
     }
     stream = bench.stream(num_tasks)
+    for name, spec in specs.items():  # fail before any run when a method refuses the model
+        _runner.preflight(configs[(name, seeds[0])], stream, spec)
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict[str, Any]] = {name: {} for name in specs}
     for (name, seed), cfg in configs.items():

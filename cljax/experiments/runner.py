@@ -532,6 +532,46 @@ def run(
         jax.monitoring.unregister_event_duration_listener(counters.listener)
 
 
+def preflight(config: RunConfig, stream: Stream, method_spec: Method | None = None) -> None:
+    """Checks, without training, that a method can run on the config's model and stream.
+
+    Builds the model and the method's optimizer and traces ``tx.init`` (and the method's extra
+    state) abstractly, so a method whose optimizer refuses the model (``cbp`` outside the MLP)
+    fails before any other run of an experiment spends time. Checks that need the data (a task
+    hook's) still run when the method's own run starts.
+
+    Args:
+        config: From `make_config`.
+        stream: The stream the run would use.
+        method_spec: The `Method` when it is not registered under ``config.method``.
+
+    Raises:
+        ValueError: what the method raises for this model (its message names the method).
+
+    Example:
+        >>> from cljax.experiments.benchmarks import get_benchmark
+        >>> from cljax.experiments.runner import make_config, preflight
+        >>> cfg = make_config("split-digits", "naive", num_tasks=1)
+        >>> preflight(cfg, get_benchmark("split-digits").stream(1))
+    """
+    spec = method_spec or get_method(config.method)
+    hp = {**config.hparams, "num_tasks": stream.num_tasks}
+    net = build_model(
+        config.model,
+        stream.input_shape,
+        stream.num_classes,
+        seed=config.seed,
+        **config.model_kwargs,
+    )
+    params = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), nnx.to_pure_dict(nnx.state(net))
+    )
+    tx = spec.optimizer(hp)
+    jax.eval_shape(tx.init, params)
+    if spec.init_extra is not None:
+        jax.eval_shape(lambda p: spec.init_extra(p, hp), params)
+
+
 def _run(config, spec, stream, T, hp, counters, checkpoint_dir, resume, stop_after, progress):
     t_start = time.perf_counter()
     mesh = _mesh(config.devices)

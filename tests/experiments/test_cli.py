@@ -118,6 +118,13 @@ def test_bad_arguments_fail_clearly(capsys, tmp_path):
     _fails(capsys, ["frobnicate"], "invalid choice")
 
 
+def test_a_method_that_refuses_the_model_fails_before_any_run(capsys, tmp_path):
+    out = tmp_path / "cnn"
+    argv = ["run", "split-digits", "--out", str(out), "--methods", "naive,cbp", "--model", "cnn"]
+    _fails(capsys, [*argv, *SMALL_ARGS, "--no-plots"], "method 'cbp'")
+    assert not (out / "runs").exists()  # naive, listed first, did not train
+
+
 def test_parsers():
     assert cli._assignment("replay.buffer_size=500") == ("replay.buffer_size", 500)
     assert cli._assignment("learning_rate=3e-3") == ("learning_rate", 3e-3)
