@@ -11,12 +11,13 @@ ComPEFT (density 0.1) compresses and decompresses one task vector; the table giv
 size over the float32 size and both times.
 
 With `--topk`, the threshold of a top-10% selection on one 32000x512 leaf (16.4 M entries) is also
-timed three ways: `jnp.sort`, `jax.lax.top_k` and the bisection on the float bit pattern that the
-library uses.
+timed three ways: `jnp.sort`, `jax.lax.top_k` and the radix select on the float bit pattern that
+the library uses (three histogram passes of 11, 11 and 10 bits).
 
 Usage:
     python benchmarks/merging.py                # full tree (a few minutes)
     python benchmarks/merging.py --small        # a small tree, a quick check
+    python benchmarks/merging.py --mid --topk   # 8 x 3.6 M params, a 4.1 M-entry top-k
     python benchmarks/merging.py --only ties_merge,pcb_merge --repeats 3 --topk
 """
 
@@ -96,10 +97,13 @@ MERGES: dict[str, tuple[Callable, tuple, str]] = {
 }
 
 
-def llama_like_shapes(small: bool) -> dict[str, Any]:
-    """Shapes of a LLaMA-60M-like tree (58.1 M params, 75 leaves), or of a much smaller one."""
+def llama_like_shapes(small: bool, mid: bool = False) -> dict[str, Any]:
+    """Shapes of a LLaMA-60M-like tree (58.1 M params, 75 leaves), of a 3.6 M-parameter one
+    (`mid`) or of a much smaller one."""
     if small:
         vocab, width, hidden, depth = 1000, 64, 172, 2
+    elif mid:
+        vocab, width, hidden, depth = 4000, 256, 688, 2
     else:
         vocab, width, hidden, depth = 32000, 512, 1376, 8
     block = {
@@ -162,7 +166,7 @@ def topk_thresholds(n_rows: int, width: int, repeats: int) -> list[tuple[str, fl
     n = x.size
     k = n // 10
 
-    def bisection(x):
+    def order_statistic(x):
         buckets = tv._pack([jnp.abs(x)], batch_ndim=0)
         key = tv._order_keys([(buckets, n - k)], batch_ndim=0)[0]
         return tv._from_sortable(key)
@@ -170,7 +174,7 @@ def topk_thresholds(n_rows: int, width: int, repeats: int) -> list[tuple[str, fl
     methods = {
         "jnp.sort": jax.jit(lambda x: jnp.sort(jnp.abs(x).reshape(-1))[n - k]),
         "jax.lax.top_k": jax.jit(lambda x: lax.top_k(jnp.abs(x).reshape(-1), k)[0][-1]),
-        "bisection (cljax)": jax.jit(bisection),
+        "order statistic (cljax)": jax.jit(order_statistic),
     }
     results, values = [], []
     for name, fn in methods.items():
@@ -198,7 +202,7 @@ def header(args: argparse.Namespace, n_params: int, n_leaves: int) -> str:
         f"- OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', 'unset')!r}",
         f"- tree: {N_TASKS} task vectors of {n_params / 1e6:.1f} M float32 params in {n_leaves} "
-        f"leaves ({'small' if args.small else 'LLaMA-60M-like'})",
+        f"leaves ({'small' if args.small else 'mid' if args.mid else 'LLaMA-60M-like'})",
         f"- timing: one compile-and-run call, then the median of {args.repeats} calls",
     ]
     return "\n".join(lines)
@@ -208,6 +212,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per method (default 5)")
     parser.add_argument("--small", action="store_true", help="a much smaller tree, a quick check")
+    parser.add_argument(
+        "--mid", action="store_true", help="a 3.6 M-parameter tree (width 256, 2 blocks)"
+    )
     parser.add_argument("--topk", action="store_true", help="also time top-k threshold methods")
     parser.add_argument(
         "--only", default="", help=f"comma-separated merges; choices: {list(MERGES)}"
@@ -221,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             parser.error(f"--only: unknown {unknown}; choose from {list(MERGES)}")
 
-    shapes = llama_like_shapes(args.small)
+    shapes = llama_like_shapes(args.small, args.mid)
     tvs = [random_tree(shapes, jax.random.key(i), 1e-3) for i in range(N_TASKS)]
     n_params = sum(x.size for x in jax.tree.leaves(tvs[0]))
     n_leaves = len(jax.tree.leaves(tvs[0]))
@@ -270,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     delete(dense)
 
     if args.topk:
-        rows_, width = (1000, 64) if args.small else (32000, 512)
+        rows_, width = (1000, 64) if args.small else (8000, 512) if args.mid else (32000, 512)
         print()
         print(f"| k-th largest magnitude of a {rows_}x{width} leaf (k = 10%) | median s |")
         print("|---|---:|")

@@ -20,6 +20,7 @@ mask-update step (RigL regrowth, magnitude re-pruning) as a multiple of an adamw
 Usage:
     python benchmarks/sparse.py               # full tree (58.1 M params)
     python benchmarks/sparse.py --small       # a small tree, a quick check
+    python benchmarks/sparse.py --mid --repeats 5   # a 7.4 M-parameter tree of the same layout
 """
 
 from __future__ import annotations
@@ -48,6 +49,23 @@ CAPACITY = 4  # exclusive_masks bank: CAPACITY task masks + the current mask + t
 def _masks(params: Any, density: float) -> Any:
     dens = cljax.uniform_densities(params, density)
     return cljax.random_mask(params, dens, jax.random.key(42))
+
+
+def mid_shapes() -> dict[str, Any]:
+    """The LLaMA-like layout at vocabulary 8000, width 256, hidden 688 and 4 blocks (7.4 M)."""
+    vocab, width, hidden, depth = 8000, 256, 688, 4
+    block = {
+        "attn": {name: (width, width) for name in ("q", "k", "v", "o")},
+        "mlp": {"gate": (width, hidden), "up": (width, hidden), "down": (hidden, width)},
+        "attn_norm": (width,),
+        "mlp_norm": (width,),
+    }
+    return {
+        "embed": (vocab, width),
+        "blocks": [block] * depth,
+        "final_norm": (width,),
+        "head": (width, vocab),
+    }
 
 
 def make_entries(params: Any) -> dict[str, Any]:
@@ -129,9 +147,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--small", action="store_true", help="a much smaller tree, for a quick check"
     )
+    parser.add_argument(
+        "--mid", action="store_true", help="a 7.4 M-parameter tree (width 256, 4 blocks)"
+    )
     args = parser.parse_args(argv)
 
-    shapes = _st.llama_like_shapes(args.small)
+    shapes = mid_shapes() if args.mid else _st.llama_like_shapes(args.small)
     params = _st.random_tree(shapes, jax.random.key(0), 0.02)
     grads = _st.random_tree(shapes, jax.random.key(1), 1e-3)
     n_params = sum(x.size for x in jax.tree.leaves(params))

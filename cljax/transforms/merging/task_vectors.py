@@ -15,10 +15,10 @@ the first; add it to the base with `apply_task_vector`, which holds the paper's 
 * `magmax`, `magmax_init`, `magmax_update` — MG-05 (maximum-magnitude selection).
 * `pcb_merge` — MG-44 (parameter competition balancing).
 
-Top-k style selections never sort: the k-th largest magnitude is found by a 32-step bisection on the
-float's bit pattern (each step one fused counting pass), which is an order of magnitude faster than
-`jnp.sort` or `lax.top_k` on large leaves on CPU, works across many leaves without concatenating
-them ("global" scope), and is correct under sharded `jit` (the counts are plain reductions). Ties at
+Top-k style selections never sort: the k-th largest magnitude is found by a radix select on the
+float's bit pattern (three histogram passes), which is far faster than `jnp.sort` or `lax.top_k`
+on large leaves on CPU, works across many leaves without concatenating them ("global" scope), and
+is correct under sharded `jit` (histograms are scatter-adds and reductions). Ties at
 the threshold are broken by position (earlier leaf in tree order, then earlier row-major index), so
 "keep the top k" keeps exactly k entries.
 """
@@ -175,8 +175,9 @@ def _cast_like(tree: Any, like: Any) -> Any:
 # Order statistics without sorting (shared with `compression.py`).
 #
 # A float32 is mapped to a uint32 "sortable key" whose unsigned order is the float order (-0.0 is
-# folded onto +0.0). The k-th smallest key is found by bisection over the 2**32 key range: 32
-# passes, each counting ``key <= mid`` with a fused reduction. Leaves are first packed into
+# folded onto +0.0). The k-th smallest key is found by a radix select (`_order_stats`: three
+# histogram passes of 11, 11 and 10 bits; rows beyond int32 counts use a 32-step bisection over
+# the key range with 16-bit-limb counts). Leaves are first packed into
 # buckets: leaves with the same (large) size are stacked, small leaves are zero-padded to a common
 # width, so the number of compiled kernels grows with the number of distinct leaf sizes, not of
 # leaves. Every leaf shares `batch_ndim` leading batch axes (e.g. K stacked task vectors); each
@@ -329,13 +330,120 @@ def _wide_from(target: int, value) -> jax.Array:
     return jnp.where(too_big, _INT32_MAX, jnp.clip(exact, 0, _INT32_MAX))
 
 
+# Radix select: a sortable key is three digits of 11, 11 and 10 bits. A pass histograms, per batch
+# row (and per leaf row for per-leaf ranks), the next digit of the entries that match the digits
+# found so far; the digit holding the rank-th entry is read off the histogram's prefix sums, taken
+# in two levels of 32 so that only small arrays are scanned. Three scatter-add passes replace 32
+# counting passes.
+_DIGITS = ((21, 11), (10, 11), (0, 10))  # (shift, bits), most significant first
+
+
+def _digit_of(hist: jax.Array, rank: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """For digit counts ``hist (..., bins)`` and int32 ranks ``(...)`` (0-based, ascending): the
+    digit holding the rank-th smallest entry and the number of entries with a smaller digit."""
+    bins = hist.shape[-1]
+    blocks = hist.reshape(hist.shape[:-1] + (32, bins // 32))
+    sums = jnp.sum(blocks, axis=-1, dtype=jnp.int32)
+    upto = jnp.cumsum(sums, axis=-1, dtype=jnp.int32)
+    c = jnp.minimum(jnp.sum(upto <= rank[..., None], axis=-1, dtype=jnp.int32), 31)
+    take = lambda x, i: jnp.take_along_axis(x, i[..., None], axis=-1)[..., 0]
+    below_block = take(upto, c) - take(sums, c)
+    inner = jnp.take_along_axis(blocks, c[..., None, None], axis=-2)[..., 0, :]
+    inner_upto = jnp.cumsum(inner, axis=-1, dtype=jnp.int32) + below_block[..., None]
+    o = jnp.minimum(
+        jnp.sum(inner_upto <= rank[..., None], axis=-1, dtype=jnp.int32), bins // 32 - 1
+    )
+    return c * (bins // 32) + o, take(inner_upto, o) - take(inner, o)
+
+
+def _row_histogram(b: _Bucket, key: jax.Array, select, shift: int, bits: int, batch_ndim: int):
+    """int32 ``(B, *batch, 2**bits)`` counts, per leaf row, of the digit ``key >> shift`` of the
+    real entries where `select` holds (all when None)."""
+    bins = 1 << bits
+    lead = b.data.shape[:-1]
+    n_rows = math.prod(lead)
+    digit = ((key >> shift) & jnp.uint32(bins - 1)).astype(jnp.int32)
+    row = jnp.arange(n_rows, dtype=jnp.int32).reshape(lead)
+    index = row[..., None] * bins + digit
+    keep = _valid(b, batch_ndim)
+    if select is not None:
+        keep = select if keep is None else select & keep
+    if keep is not None:
+        index = jnp.where(keep, index, n_rows * bins)
+    flat = index.reshape(-1)
+    hist = jnp.zeros((n_rows * bins,), jnp.int32).at[flat].add(jnp.ones_like(flat), mode="drop")
+    return hist.reshape(lead + (bins,))
+
+
 def _order_keys(queries: list, batch_ndim: int) -> list:
-    """Sortable keys of order statistics, all from one 32-step bisection loop.
+    """Sortable keys of order statistics, by a three-pass radix select.
 
     Each query is ``(buckets, rank)``: an int `rank` asks, per batch row, for the rank-th smallest
     (0-based) entry over all leaves of the buckets and gives a ``batch``-shaped uint32; a dict
-    ``{leaf id: rank}`` asks per leaf and gives one ``(B, *batch)`` uint32 per bucket.
+    ``{leaf id: rank}`` asks per leaf and gives one ``(B, *batch)`` uint32 per bucket. Rows of
+    more than `_WIDE_COUNT_THRESHOLD` entries use `_order_keys_bisect` (counts in 16-bit limbs).
     """
+    if not queries:
+        return []
+    if any(_total_size(buckets) > _WIDE_COUNT_THRESHOLD for buckets, _ in queries):
+        return _order_keys_bisect(queries, batch_ndim)
+    return [key for key, _ in _order_stats(queries, batch_ndim)]
+
+
+def _order_stats(queries: list, batch_ndim: int) -> list:
+    """`_order_keys` by radix select (rows of at most 2**31 - 1 entries), with, per query and
+    bucket, the int32 ``(B, *batch)`` counts of real entries below and at the found key in each
+    leaf row (read off the same histograms)."""
+    out = []
+    for buckets, rank in queries:
+        keys = [_sortable(_scores(b)) for b in buckets]
+        per_leaf = isinstance(rank, dict)
+        if per_leaf:
+            left = [
+                _per_leaf(rank, b, batch_ndim) + jnp.zeros(b.data.shape[:-1], jnp.int32)
+                for b in buckets
+            ]
+            prefix = [jnp.zeros(b.data.shape[:-1], jnp.uint32) for b in buckets]
+        else:
+            batch_shape = buckets[0].data.shape[1:-1]
+            left = jnp.full(batch_shape, rank, jnp.int32)
+            prefix = jnp.zeros(batch_shape, jnp.uint32)
+        below = [jnp.zeros(b.data.shape[:-1], jnp.int32) for b in buckets]
+
+        def digit_at(d, j, per_leaf=per_leaf):  # bucket j's digit, shaped (B or 1, *batch)
+            return d[j] if per_leaf else d.reshape((1,) + d.shape)
+
+        for step, (shift, bits) in enumerate(_DIGITS):
+            hists = []
+            for j, (b, key) in enumerate(zip(buckets, keys, strict=True)):
+                select = None
+                if step:
+                    select = (key >> (shift + bits)) == digit_at(prefix, j)[..., None]
+                hists.append(_row_histogram(b, key, select, shift, bits, batch_ndim))
+            if per_leaf:
+                found = [_digit_of(h, r) for h, r in zip(hists, left, strict=True)]
+                digits = [d for d, _ in found]
+                left = [r - n for r, (_, n) in zip(left, found, strict=True)]
+                prefix = [
+                    (p << bits) | d.astype(jnp.uint32) for p, d in zip(prefix, digits, strict=True)
+                ]
+            else:
+                total = sum(jnp.sum(h, axis=0, dtype=jnp.int32) for h in hists)
+                digits, n = _digit_of(total, left)
+                left = left - n
+                prefix = (prefix << bits) | digits.astype(jnp.uint32)
+            for j, h in enumerate(hists):
+                bins = lax.broadcasted_iota(jnp.int32, h.shape, h.ndim - 1)
+                d = digit_at(digits, j)[..., None]
+                below[j] = below[j] + jnp.sum(jnp.where(bins < d, h, 0), axis=-1, dtype=jnp.int32)
+                if step == len(_DIGITS) - 1:
+                    hists[j] = jnp.sum(jnp.where(bins == d, h, 0), axis=-1, dtype=jnp.int32)
+        out.append((prefix, list(zip(below, hists, strict=True))))
+    return out
+
+
+def _order_keys_bisect(queries: list, batch_ndim: int) -> list:
+    """`_order_keys` by one 32-step bisection loop with counts beyond int32 in 16-bit limbs."""
     if not queries:
         return []
 
@@ -424,9 +532,10 @@ def _window_masks(buckets: list, windows, batch_ndim: int) -> list:
     ``{leaf id: (start, stop)}`` (ranks within each leaf). The descending stable rank of an entry
     is the number of entries of its batch row with a larger score plus the number of equal
     entries before it (earlier leaves in tree order, then row-major order), so ``[0, k)`` is an
-    exact top-k with ties to the earlier entry. All thresholds come from one bisection loop. Tied
-    thresholds are resolved by a position cutoff per leaf row, found by a second bisection (over
-    positions) that runs only when some threshold value is tied across the cut (one `lax.cond`).
+    exact top-k with ties to the earlier entry. The thresholds, and the counts above and at them,
+    come from a three-pass radix select (`_order_stats`). Tied thresholds are resolved by a
+    position cutoff per leaf row, found from two histograms of the tied positions, only when some
+    threshold value is tied across the cut (one `lax.cond`).
     Only small per-row statistics are materialized; the masks are elementwise expressions.
     """
     per_leaf = isinstance(windows, dict)
@@ -460,14 +569,24 @@ def _window_masks(buckets: list, windows, batch_ndim: int) -> list:
             return value[j][..., None]
         return value.reshape((1,) + value.shape + (1,))
 
-    thresholds = _order_keys([(buckets, ascending(r)) for _, r in sides], batch_ndim)
+    queries = [(buckets, ascending(r)) for _, r in sides]
+    if total > _WIDE_COUNT_THRESHOLD:
+        stats = [(t, None) for t in _order_keys_bisect(queries, batch_ndim)]
+    else:  # the radix select's histograms also count each leaf row below and at the key
+        stats = _order_stats(queries, batch_ndim)
     cuts = []  # per side: threshold, and for every bucket a (quota, tie count) per leaf row
-    for (is_upper, rank), t in zip(sides, thresholds, strict=True):
+    for (is_upper, rank), (t, counts) in zip(sides, stats, strict=True):
         greater, n_equal = [], []
         for j, b in enumerate(buckets):
-            key = _sortable(_scores(b))
-            greater.append(_leaf_counts(b, key > at(t, j), batch_ndim))
-            n_equal.append(_leaf_counts(b, key == at(t, j), batch_ndim))
+            if counts is None:
+                key = _sortable(_scores(b))
+                greater.append(_leaf_counts(b, key > at(t, j), batch_ndim))
+                n_equal.append(_leaf_counts(b, key == at(t, j), batch_ndim))
+            else:
+                below, equal = counts[j]
+                size = _per_leaf(dict(zip(b.ids, b.sizes, strict=True)), b, batch_ndim)
+                greater.append(size - below - equal)
+                n_equal.append(equal)
         # quota: how many tied entries (in position order) come before the cut, per leaf row.
         if per_leaf:
             target = {i: r + 1 if is_upper else r for i, r in rank.items()}
@@ -497,32 +616,13 @@ def _window_masks(buckets: list, windows, batch_ndim: int) -> list:
         ]
 
     def search(_):  # position of the cut: smallest p with #{ties at positions < p} >= quota
-        state = []
-        for _, quota, _ in cuts:
-            for q in quota:
-                state.append((jnp.zeros(q.shape, jnp.int32), jnp.full(q.shape, _INT32_MAX)))
-
-        def body(_, carry):
-            out, c = [], 0
-            for t, quota, _ in cuts:
-                for j, (b, q) in enumerate(zip(buckets, quota, strict=True)):
-                    lo, hi = carry[c]
-                    hi = jnp.minimum(hi, b.width)
-                    mid = lo + (hi - lo) // 2
-                    pos = lax.broadcasted_iota(jnp.int32, b.data.shape, b.data.ndim - 1)
-                    tied = (_sortable(_scores(b)) == at(t, j)) & (pos < mid[..., None])
-                    enough = _leaf_counts(b, tied, batch_ndim) >= q
-                    out.append((jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)))
-                    c += 1
-            return tuple(out)
-
-        steps = max(b.width for b in buckets).bit_length() + 1
-        final = lax.fori_loop(0, steps, body, tuple(state))
-        out, c = [], 0
-        for _ in cuts:
-            out.append([final[c + j][1] for j in range(len(buckets))])
-            c += len(buckets)
-        return out
+        return [
+            [
+                _tie_cuts(b, (_sortable(_scores(b)) == at(t, j)), q, batch_ndim)
+                for j, (b, q) in enumerate(zip(buckets, quota, strict=True))
+            ]
+            for t, quota, _ in cuts
+        ]
 
     partial = jnp.stack(
         [
@@ -546,6 +646,38 @@ def _window_masks(buckets: list, windows, batch_ndim: int) -> list:
                 mask = mask & ((key < tb) | ((key == tb) & (pos >= pb)))
         masks.append(jnp.broadcast_to(mask, b.data.shape))
     return masks
+
+
+def _tie_cuts(b: _Bucket, tied: jax.Array, quota: jax.Array, batch_ndim: int) -> jax.Array:
+    """Per leaf row, the smallest position `p` with ``#{tied real entries at positions < p} >=
+    quota`` (``0 <= quota <= #tied``): two histograms per row of the tied positions, by block
+    and then within the block holding the quota-th one."""
+    width = b.data.shape[-1]
+    lead = b.data.shape[:-1]
+    n_rows = math.prod(lead)
+    shift = (max(1, (width - 1).bit_length()) + 1) // 2
+    n_blocks = -(-width // (1 << shift))
+    valid = _valid(b, batch_ndim)
+    tied = tied if valid is None else tied & valid
+    pos = lax.broadcasted_iota(jnp.int32, b.data.shape, b.data.ndim - 1)
+    row = jnp.arange(n_rows, dtype=jnp.int32).reshape(lead + (1,))
+
+    def histogram(index, bins, keep):
+        flat = jnp.where(keep, row * bins + index, n_rows * bins).reshape(-1)
+        hist = jnp.zeros((n_rows * bins,), jnp.int32).at[flat].add(jnp.ones_like(flat), mode="drop")
+        return hist.reshape(lead + (bins,))
+
+    per_block = histogram(pos >> shift, n_blocks, tied)
+    upto = jnp.cumsum(per_block, axis=-1, dtype=jnp.int32)
+    q = quota[..., None]
+    j = jnp.minimum(jnp.sum(upto < q, axis=-1, dtype=jnp.int32), n_blocks - 1)
+    take = lambda x, i: jnp.take_along_axis(x, i[..., None], axis=-1)[..., 0]
+    before = take(upto, j) - take(per_block, j)
+    inside = tied & ((pos >> shift) == j[..., None])
+    offsets = histogram(pos & ((1 << shift) - 1), 1 << shift, inside)
+    inner = jnp.cumsum(offsets, axis=-1, dtype=jnp.int32) + before[..., None]
+    o = jnp.sum(inner < q, axis=-1, dtype=jnp.int32)
+    return jnp.where(quota <= 0, 0, j * (1 << shift) + o + 1)
 
 
 def _saturating_add(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -1272,7 +1404,7 @@ def pcb_merge(
         Array([0., 0., 3., 0.], dtype=float32)
 
     Notes:
-        Order statistics are exact (bisection on the bit pattern) and computed per task over
+        Order statistics are exact (radix select on the bit pattern) and computed per task over
         the scope without flattening the model. Min-max normalization of a constant row gives 0
         instead of NaN. For more than 80 tasks, ``exp(n (Norm^2 - 1))`` replaces ``exp(n Norm^2)``
         (a common factor per task that the min-max step removes) to avoid float32 overflow. The

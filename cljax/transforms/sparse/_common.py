@@ -1,11 +1,13 @@
 """Private building blocks of the sparse family: exact top-k selection, row-wise bit packing,
 path matching of masks to parameters, and inner-state surgery tied to parameter leaves.
 
-Top-k never sorts a leaf: the k-th largest score is found by a 32-step bisection over the
-float's order-preserving uint32 key (each step one counting pass), then ties at the threshold are
-resolved by position (earlier leaf in tree order, then earlier row-major index), so "keep the top
-k" keeps exactly k entries. The counts are plain reductions, so the selection is correct under
-sharded `jit`; `k` may be a traced int32 (a scheduled density).
+Top-k never sorts a leaf: the k-th largest score is found by a radix select over the float's
+order-preserving uint32 key (two histogram passes of 16-bit digits), then ties at the threshold
+are resolved by position (earlier leaf in tree order, then earlier row-major index; two more
+histogram passes, only when a tie straddles the cut), so "keep the top k" keeps exactly k
+entries. Histograms are scatter-adds and reductions, so the selection is correct under sharded
+`jit`; `k` may be a traced int32 (a scheduled density). Totals beyond int32 use a 32-step
+bisection with counts in 16-bit limbs.
 """
 
 from __future__ import annotations
@@ -152,6 +154,144 @@ def top_k_from_keys(keys: Sequence[jax.Array], k: Any, *, scope: str) -> list[ja
     keys = [jnp.asarray(x, jnp.uint32) for x in keys]
     if not keys:
         return []
+    total = sum(x.size for x in keys)
+    counts = list(k) if scope == "layer" else [k]
+    too_big = any(isinstance(c, int) and c > _INT32_MAX for c in counts)
+    if total > _INT32_MAX or too_big:  # int32 histograms would overflow: 64-bit limbs
+        return _top_k_bisect(keys, k, scope=scope)
+    return _top_k_radix(keys, k, scope=scope)
+
+
+# Radix select: a key is two 16-bit digits. One histogram pass over the high digits finds the
+# threshold's high digit, a second over the low digits of the entries with that high digit finds
+# the rest, and the same histograms give the counts above and at the threshold. Ties across the
+# cut are resolved by two more histogram passes over the positions of the tied entries (only when
+# some quota is partial). Histograms are scatter-adds of int32 ones; their prefix sums are taken
+# in two levels of 256 so that only small arrays are scanned.
+
+_DIGIT = 16
+_BINS = 1 << _DIGIT
+
+
+def _histogram(index: jax.Array, bins: int) -> jax.Array:
+    """int32 counts of the int32 `index` values in ``[0, bins)``; other values are dropped."""
+    flat = index.reshape(-1)
+    return jnp.zeros((bins,), jnp.int32).at[flat].add(jnp.ones_like(flat), mode="drop")
+
+
+def _suffix(x: jax.Array) -> jax.Array:
+    """``out[..., d] = sum(x[..., d:])`` along the last axis."""
+    return jnp.flip(jnp.cumsum(jnp.flip(x, -1), axis=-1, dtype=jnp.int32), -1)
+
+
+def _take(x: jax.Array, i: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(x, i[..., None], axis=-1)[..., 0]
+
+
+def _locate(hist: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """For digit counts ``hist (..., 65536)`` and int32 targets ``k (...)``: the largest digit
+    `d` with ``#{digit >= d} >= k`` (0 when there is none), ``#{digit > d}`` and ``#{digit == d}``."""
+    lead = hist.shape[:-1]
+    blocks = hist.reshape(lead + (256, 256))
+    rows = jnp.sum(blocks, axis=-1, dtype=jnp.int32)
+    row_suffix = _suffix(rows)
+    r = jnp.maximum(jnp.sum(row_suffix >= k[..., None], axis=-1, dtype=jnp.int32) - 1, 0)
+    above_row = _take(row_suffix, r) - _take(rows, r)
+    inner = jnp.take_along_axis(blocks, r[..., None, None], axis=-2)[..., 0, :]
+    inner_suffix = _suffix(inner) + above_row[..., None]
+    c = jnp.maximum(jnp.sum(inner_suffix >= k[..., None], axis=-1, dtype=jnp.int32) - 1, 0)
+    at = _take(inner, c)
+    return r * 256 + c, _take(inner_suffix, c) - at, at
+
+
+def _thresholds(keys: list, k: Any, per_leaf: bool):
+    """(thresholds, greater, tied): per array, the uint32 threshold (the k-th largest key, of the
+    array or of all arrays) and the int32 counts of the array's keys above and at it."""
+    high = [(x >> _DIGIT).astype(jnp.int32) for x in keys]
+    low = [(x & jnp.uint32(_BINS - 1)).astype(jnp.int32) for x in keys]
+    hist1 = jnp.stack([_histogram(h, _BINS) for h in high])
+    if per_leaf:
+        target = jnp.stack([jnp.asarray(kk, jnp.int32) for kk in k])
+        d1, above1, _ = _locate(hist1, target)
+        hist2 = jnp.stack(
+            [
+                _histogram(jnp.where(h == d1[i], lo, _BINS), _BINS)
+                for i, (h, lo) in enumerate(zip(high, low, strict=True))
+            ]
+        )
+        d2, above2, tied = _locate(hist2, target - above1)
+        threshold = (d1.astype(jnp.uint32) << _DIGIT) | d2.astype(jnp.uint32)
+        return list(threshold), list(above1 + above2), list(tied)
+    target = jnp.asarray(k, jnp.int32)
+    d1, above1, _ = _locate(jnp.sum(hist1, axis=0, dtype=jnp.int32), target)
+    hist2 = jnp.stack(
+        [_histogram(jnp.where(h == d1, lo, _BINS), _BINS) for h, lo in zip(high, low, strict=True)]
+    )
+    d2, _, _ = _locate(jnp.sum(hist2, axis=0, dtype=jnp.int32), target - above1)
+    threshold = (d1.astype(jnp.uint32) << _DIGIT) | d2.astype(jnp.uint32)
+    digits = jnp.arange(_BINS, dtype=jnp.int32)
+    greater = jnp.sum(jnp.where(digits > d1, hist1, 0), axis=-1, dtype=jnp.int32) + jnp.sum(
+        jnp.where(digits > d2, hist2, 0), axis=-1, dtype=jnp.int32
+    )
+    tied = hist2[:, d2]
+    return [threshold] * len(keys), list(greater), list(tied)
+
+
+def _tie_cut(x: jax.Array, t: jax.Array, q: jax.Array) -> jax.Array:
+    """The smallest flat position `p` with ``#{i < p: x[i] == t} >= q`` (``0 <= q <= #ties``),
+    from two histograms of the tied positions (by block, then within the chosen block)."""
+    size = x.size
+    bits = max(1, (size - 1).bit_length())
+    shift = (bits + 1) // 2
+    n_blocks = -(-size // (1 << shift))
+    flat = x.reshape(-1) == t
+    pos = lax.iota(jnp.int32, size)
+    block_count = _histogram(jnp.where(flat, pos >> shift, n_blocks), n_blocks)
+    upto = jnp.cumsum(block_count, dtype=jnp.int32)
+    j = jnp.minimum(jnp.sum(upto < q, dtype=jnp.int32), n_blocks - 1)
+    before = upto[j] - block_count[j]
+    inside = jnp.where(flat & ((pos >> shift) == j), pos & ((1 << shift) - 1), 1 << shift)
+    offset_upto = jnp.cumsum(_histogram(inside, 1 << shift), dtype=jnp.int32) + before
+    o = jnp.sum(offset_upto < q, dtype=jnp.int32)
+    return jnp.where(q <= 0, 0, j * (1 << shift) + o + 1)
+
+
+def _top_k_radix(keys: list, k: Any, *, scope: str) -> list[jax.Array]:
+    per_leaf = scope == "layer"
+    thresholds, greater, tied = _thresholds(keys, k, per_leaf)
+    if per_leaf:
+        quotas = [
+            jnp.clip(jnp.asarray(kk, jnp.int32) - g, 0, n)
+            for kk, g, n in zip(k, greater, tied, strict=True)
+        ]
+    else:
+        left = jnp.clip(jnp.asarray(k, jnp.int32) - sum(greater), 0, _INT32_MAX)
+        quotas, before = [], jnp.zeros((), jnp.int32)
+        for n in tied:
+            quotas.append(jnp.clip(left - before, 0, n))
+            before = jnp.minimum(before + n, _INT32_MAX)
+    partial = jnp.stack([(q > 0) & (q < n) for q, n in zip(quotas, tied, strict=True)])
+
+    def positions(x):
+        return lax.broadcasted_iota(jnp.int32, (x.size,), 0).reshape(x.shape)
+
+    def by_position(_):
+        return [
+            (x > t) | ((x == t) & (positions(x) < _tie_cut(x, t, q)))
+            for x, t, q in zip(keys, thresholds, quotas, strict=True)
+        ]
+
+    def whole(_):
+        return [
+            (x > t) | ((x == t) & (q > 0)) for x, t, q in zip(keys, thresholds, quotas, strict=True)
+        ]
+
+    return lax.cond(jnp.any(partial), by_position, whole, None)
+
+
+def _top_k_bisect(keys: list, k: Any, *, scope: str) -> list[jax.Array]:
+    """`top_k_from_keys` by a 32-step bisection with counts in (high, low) 16-bit limbs, for
+    totals beyond int32."""
     per_leaf = scope == "layer"
     if per_leaf:
         ks = [

@@ -467,13 +467,25 @@ def set_rigl(
         else:
             reset = _reset_packed(state.inner_state, state.masks, packed)
             # Changed entries get no gradient this step, so grown weights keep zero moments.
+            # ``old & new == new & ~(old ^ new)``: reuses the unpacked current masks and the same
+            # ``old ^ new`` expression the reset above unpacks, instead of a third unpacked tree.
+            changed = _mu.unpack_masks(
+                kind,
+                jax.tree.map(
+                    lambda o, n: None if o is None else o ^ n,
+                    state.masks,
+                    packed,
+                    is_leaf=_common.is_none,
+                ),
+                updates,
+            )
             steady = jax.tree.map(
-                lambda o, n: None if o is None else o & n,
-                state.masks,
-                packed,
+                lambda c, d: None if c is None else c & ~d,
+                current,
+                changed,
                 is_leaf=_common.is_none,
             )
-            fed_updates = _mu.gate_in(updates, _mu.unpack_masks(kind, steady, updates))
+            fed_updates = _mu.gate_in(updates, steady)
         directions, trained = inner.update(fed_updates, reset, params, **extra_args)
         out = _mu.gate_out(directions, current, params, prune=True)
         if skip_update:  # a mask-update step moves no weight except the dropped ones (to zero)
