@@ -36,11 +36,67 @@ def _orthonormal(y: jax.Array) -> jax.Array:
     return q
 
 
+def _lu_normalized(y: jax.Array) -> jax.Array:
+    """The unit lower-triangular factor of ``y = P L U`` with its rows put back: ``y U⁻¹``.
+
+    Keeps the column space of a full-rank `y` and conditions it like a QR would, at a fraction of
+    the cost of a Householder QR (the normaliser of Li et al. 2017 between power iterations).
+    Always finite, also for zero or rank-deficient `y`: ``L`` has a unit diagonal and, with
+    partial pivoting, entries of magnitude at most 1.
+    """
+    lu, _, perm = jax.lax.linalg.lu(y)
+    rows, cols = y.shape
+    low = jnp.tril(lu[:, :cols], -1) + jnp.eye(rows, cols, dtype=y.dtype)
+    return low[jnp.argsort(perm)]
+
+
+def _cholesky_qr2_r(z: jax.Array) -> jax.Array:
+    """The ``(l, l)`` triangular factor ``R`` of ``z = Q R`` by shifted Cholesky-QR, twice.
+
+    Each pass factors the small Gram ``ZᵀZ + s I = C Cᵀ`` and replaces ``Z`` by ``Z C⁻ᵀ``; the
+    shift ``s = l · eps · tr(ZᵀZ)`` (plus the smallest normal float) keeps the Cholesky defined for
+    ill-conditioned, rank-deficient and zero `z`, and the second pass restores the orthogonality
+    the first one lost (Fukaya et al. 2020), so that the singular vectors of ``R`` are those of
+    `z` to working accuracy, not to the squared condition number a plain Gram would give.
+    """
+    width = z.shape[1]
+    eye = jnp.eye(width, dtype=z.dtype)
+    eps, tiny = jnp.finfo(z.dtype).eps, jnp.finfo(z.dtype).tiny
+    r = eye
+    for _ in range(2):
+        gram = z.T @ z
+        shift = width * eps * jnp.trace(gram) + tiny
+        c = jnp.linalg.cholesky(gram + shift * eye)  # lower: gram + s I = C Cᵀ
+        c_inv = jax.scipy.linalg.solve_triangular(c, eye, lower=True)
+        z = z @ c_inv.T  # one (k, l) × (l, l) matmul instead of a long triangular solve
+        r = c.T @ r
+    return r
+
+
+def _rotate_to_top(a: jax.Array, q: jax.Array, r: int) -> jax.Array:
+    """Rayleigh–Ritz: rotates the orthonormal range basis `q` of `a` to its top-`r` directions.
+
+    The left singular vectors of the small ``B = qᵀ a`` (``(l, k)``) are those of ``Rᵀ`` for the
+    Cholesky-QR2 factor ``Bᵀ = Q_B R``: no QR or SVD of the long ``(k, l)`` matrix.
+    """
+    z = a.T @ q
+    z = z / jnp.maximum(jnp.max(jnp.abs(z)), jnp.finfo(z.dtype).tiny)  # no overflow in the Gram
+    u_r, _, _ = jnp.linalg.svd(_cholesky_qr2_r(z).T)
+    return q @ u_r[:, :r]
+
+
 def _rayleigh_ritz(a: jax.Array, y: jax.Array, r: int) -> jax.Array:
-    """Rotates the orthonormal range basis `y` of `a` to its top-`r` singular directions."""
-    b = y.T @ a  # (l, k)
-    u_b, _, _ = svd_factors(b, r)
-    return y @ u_b
+    """Rotates the range basis `y` of `a` (orthonormalised here) to its top-`r` singular directions."""
+    return _rotate_to_top(a, _orthonormal(y), r)
+
+
+def _rademacher(key: jax.Array, rows: int, cols: int) -> jax.Array:
+    """A ``(rows, cols)`` float32 matrix of independent ±1 entries, 32 of them per random word."""
+    words = -(-cols // 32)
+    bits = jax.random.bits(key, (rows, words), jnp.uint32)
+    shifts = jnp.arange(32, dtype=jnp.uint32)[None, None, :]
+    signs = ((bits[:, :, None] >> shifts) & jnp.uint32(1)).reshape(rows, words * 32)[:, :cols]
+    return 1.0 - 2.0 * signs.astype(jnp.float32)
 
 
 def randomized_basis(
@@ -48,17 +104,31 @@ def randomized_basis(
 ) -> jax.Array:
     """Top-`r` left singular vectors of ``a`` (``(d, k)``) by a randomized range finder.
 
-    Sketch ``Y = a Ω`` with ``r + oversample`` Gaussian columns, `power_iters` rounds of
-    ``Y ← orth(a orth(aᵀ Y))``, then a Rayleigh–Ritz step on the small ``Yᵀ a``.
+    Halko, Martinsson and Tropp (2011), Algorithms 4.4 and 5.1, with ``l = r + oversample``:
+    sketch ``Y = a Ω`` with a Rademacher test matrix ``Ω`` (``(k, l)``, 32 signs per random word;
+    a Gaussian one costs more than the sketch itself for long `k`), `power_iters` rounds of
+    ``Y ← a N(aᵀ N(Y))`` with the LU normaliser ``N`` between the products (Li et al. 2017), a
+    Householder QR of the last ``Y``, and a Rayleigh–Ritz step on ``B = Qᵀ a`` through the
+    Cholesky-QR2 factor of ``Bᵀ`` and the SVD of an ``(l, l)`` matrix. Every product is with
+    `a` or `aᵀ` (``2 · power_iters + 2`` passes over `a`); no QR or SVD of a ``(k, l)`` matrix.
+    The columns of the result are orthonormal for every finite `a` (zero and rank-deficient
+    ones included): they are a Householder ``Q`` times an orthogonal ``(l, l)`` rotation.
+
+    References:
+        Halko, Martinsson, Tropp, "Finding structure with randomness", SIAM Review 2011.
+        Li, Linderman, Szlam, Stanton, Kluger, Tygert, "Algorithm 971: An implementation of a
+        randomized algorithm for principal component analysis", ACM TOMS 2017.
+        Fukaya, Kannan, Nakatsukasa, Yamamoto, Yanagisawa, "Shifted Cholesky QR for computing the
+        QR factorization of ill-conditioned matrices", SIAM J. Sci. Comput. 2020.
     """
+    a = a.astype(jnp.float32)
     d, k = a.shape
     width = min(r + oversample, d, k)
     if width >= min(d, k):  # the sketch would be as large as the matrix: decompose it exactly
         return svd_basis(a, r, left=True)
-    omega = jax.random.normal(key, (k, width), jnp.float32)
-    y = _orthonormal(a @ omega)
+    y = a @ _rademacher(key, k, width)
     for _ in range(power_iters):
-        y = _orthonormal(a @ _orthonormal(a.T @ y))
+        y = a @ _lu_normalized(a.T @ _lu_normalized(y))
     return _rayleigh_ritz(a, y, r)
 
 
@@ -72,7 +142,7 @@ def subspace_iteration_basis(a: jax.Array, previous: jax.Array, *, power_iters: 
     y = previous
     for _ in range(max(power_iters, 1)):
         y = _orthonormal(a @ (a.T @ y))
-    return _rayleigh_ritz(a, y, r)
+    return _rotate_to_top(a, y, r)
 
 
 def random_basis(key: jax.Array, d: int, r: int) -> jax.Array:
