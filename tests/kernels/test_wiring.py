@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import cljax
-from cljax.kernels import _adam_step, _dispatch, _galore, _packed_mask
+from cljax.kernels import _adam_step, _dispatch, _galore, _nm_mask, _packed_mask
 from tests.kernels import kernel_testing as kt
 
 # Element-wise leaves: a scalar, a vector, a (5, 13) view and a (3, 300) view whose rows and
@@ -74,7 +74,7 @@ def no_kernels(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a Pallas kernel ran")
 
-    for module in (_adam_step, _galore, _packed_mask):
+    for module in (_adam_step, _galore, _nm_mask, _packed_mask):
         monkeypatch.setattr(module, "pallas", boom)
 
 
@@ -305,3 +305,19 @@ def test_cwd_and_mask_pallas_equal_xla_on_random_shapes(shape, dtype, scale):
         for impl in ("pallas", "xla")
     )
     _assert_identical(fused, xla)
+
+
+@pytest.mark.parametrize("dtype", kt.DTYPES, ids=DTYPE_IDS)
+def test_nm_mask_pallas_equals_xla(dtype, request):
+    x = jnp.asarray(kt.case_rng(request).standard_normal((12, 20)), dtype).at[0, :4].set(1.0)
+    for axis in (0, -1):  # groups across rows and along them; row 0 holds a four-way tie
+        np.testing.assert_array_equal(
+            cljax.nm_mask(x, 2, 4, axis, impl="pallas"), cljax.nm_mask(x, 2, 4, axis, impl="xla")
+        )
+
+
+def test_nm_mask_auto_is_xla_on_cpu(no_kernels):
+    x = jnp.arange(16.0).reshape(2, 8)
+    np.testing.assert_array_equal(cljax.nm_mask(x, 2, 4), cljax.nm_mask(x, 2, 4, impl="xla"))
+    with pytest.raises(ValueError, match=r"nm_mask\(impl=\.\.\.\) must be"):
+        cljax.nm_mask(x, 2, 4, impl="gpu")

@@ -28,6 +28,9 @@ import numpy as np
 import optax
 
 from cljax import _checks
+from cljax import kernels as _kernels
+from cljax.kernels import _common as _kernel_common
+from cljax.kernels import _dispatch
 from cljax.transforms.sparse import _common
 
 __all__ = [
@@ -216,7 +219,14 @@ def topk_mask(scores: Any, density: Any, scope: Scope = "layer") -> Any:
     return _top_k_tree("topk_mask", scores, density, scope, lambda x: jnp.asarray(x, jnp.float32))
 
 
-def nm_mask(x: jax.Array, n: int, m: int, axis: int = -1) -> jax.Array:
+def nm_mask(
+    x: jax.Array,
+    n: int,
+    m: int,
+    axis: int = -1,
+    *,
+    impl: Literal["auto", "xla", "pallas"] = "auto",
+) -> jax.Array:
     """Returns the N:M mask of an array: the `n` largest ``|x|`` of every `m` consecutive entries.
 
     Groups are `m` consecutive entries along `axis`; each keeps exactly `n` (ties to the earlier
@@ -229,12 +239,17 @@ def nm_mask(x: jax.Array, n: int, m: int, axis: int = -1) -> jax.Array:
         n: Entries kept per group. Static.
         m: Group size. Static.
         axis: The grouped axis; its length must be a multiple of `m`.
+        impl: ``'pallas'`` runs the kernel `cljax.kernels.nm_mask` (same mask and tie rule; on the
+            CPU in Pallas interpret mode, for tests); ``'xla'`` the selection in XLA; ``'auto'``
+            (default) the kernel only where `cljax.kernels` holds a measured win for the back end,
+            dtype and ``(size, m)`` (none yet: XLA). Static.
 
     Returns:
         A boolean array of `x`'s shape.
 
     Raises:
-        ValueError: ``n > m``, ``n < 1``, or an axis length not divisible by `m`.
+        ValueError: ``n > m``, ``n < 1``, an axis length not divisible by `m`, or an unknown
+            `impl`.
 
     Example:
         >>> cljax.nm_mask(jnp.array([[0.1, -3.0, 2.0, 0.5]]), 2, 4)
@@ -260,6 +275,12 @@ def nm_mask(x: jax.Array, n: int, m: int, axis: int = -1) -> jax.Array:
             f"nm_mask: axis {axis} of shape {shape} has length {shape[axis]}, not divisible by m={m}; "
             "choose another axis or leave this leaf dense."
         )
+    _kernel_common.check_impl("nm_mask", impl)
+    if impl == "pallas" or (
+        impl == "auto"
+        and _dispatch.choose("nm_mask", (math.prod(shape), m), str(jnp.result_type(x))) == "pallas"
+    ):
+        return _kernels.nm_mask(jnp.asarray(x), n, m, axis=axis, impl=impl)
     return _common.nm_leaf(jnp.asarray(x), n, m, axis % len(shape))
 
 
