@@ -1,4 +1,4 @@
-"""Conformance cases of the sparse family (SP-01 … SP-07, SP-09, SP-10, SP-14 … SP-16, SP-19,
+"""Conformance cases of the sparse family (SP-01 … SP-09, SP-10, SP-14 … SP-16, SP-19,
 SP-22, SP-23) and its optimizers.
 
 Masks are built for the suite's 4-leaf parameter tree (``scalar ()``, ``vec (8,)``, ``mat (8, 4)``,
@@ -124,6 +124,30 @@ CASES: dict[str, Case] = {
         ),
         needs_params=True,
     ),
+    # SP-08 DST inside the free capacity: SET growth restricted by a mask held in state.
+    "set_rigl/restricted": Case(
+        cljax.set_rigl,
+        {
+            "inner": optax.adam(1e-2),
+            "masks": _masks(frozen_vec=False),
+            "grow": "random",
+            "drop_fraction": 0.5,
+            "update_every": 2,
+            "end_step": 50,
+            "restrict_growth": True,
+        },
+        static_args=(
+            "masks",
+            "grow",
+            "update_every",
+            "end_step",
+            "cosine_decay",
+            "skip_update",
+            "seed",
+            "restrict_growth",
+        ),
+        needs_params=True,
+    ),
     # SP-10 / SR-STE decay on masked-out weights.
     "masked_decay": Case(
         cljax.masked_decay,
@@ -209,6 +233,10 @@ NOT_TRANSFORMS: frozenset[str] = frozenset(
         "MagnitudePruningState",
         "MaskUpdatesState",
         "SetRiglState",
+        "dst_task_masks",
+        "set_rigl_get_masks",
+        "set_rigl_restrict",
+        "set_rigl_set_masks",
         "SpuState",
         "exclusive_masks_commit_task",
         "exclusive_masks_lookup",

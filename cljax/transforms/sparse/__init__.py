@@ -26,8 +26,12 @@ from cljax.transforms.sparse.dsee import dsee_materialize as dsee_materialize
 from cljax.transforms.sparse.dsee import dsee_support as dsee_support
 from cljax.transforms.sparse.dynamic import MagnitudePruningState as MagnitudePruningState
 from cljax.transforms.sparse.dynamic import SetRiglState as SetRiglState
+from cljax.transforms.sparse.dynamic import dst_task_masks as dst_task_masks
 from cljax.transforms.sparse.dynamic import magnitude_pruning as magnitude_pruning
 from cljax.transforms.sparse.dynamic import set_rigl as set_rigl
+from cljax.transforms.sparse.dynamic import set_rigl_get_masks as set_rigl_get_masks
+from cljax.transforms.sparse.dynamic import set_rigl_restrict as set_rigl_restrict
+from cljax.transforms.sparse.dynamic import set_rigl_set_masks as set_rigl_set_masks
 from cljax.transforms.sparse.layer_importance import IstState as IstState
 from cljax.transforms.sparse.layer_importance import ist as ist
 from cljax.transforms.sparse.layer_importance import ist_sample_suppressed as ist_sample_suppressed
@@ -106,6 +110,7 @@ __all__ = [
     "dsee_labels",
     "dsee_materialize",
     "dsee_support",
+    "dst_task_masks",
     "erk_densities",
     "exclusive_masks",
     "exclusive_masks_commit_task",
@@ -135,6 +140,9 @@ __all__ = [
     "s2ft_permutations",
     "s2ft_permute",
     "set_rigl",
+    "set_rigl_get_masks",
+    "set_rigl_restrict",
+    "set_rigl_set_masks",
     "slca",
     "slca_init_stats",
     "slca_sample_features",

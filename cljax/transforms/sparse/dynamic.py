@@ -1,5 +1,7 @@
-"""Masks that change during training: gradual magnitude / N:M pruning (SP-05) and dynamic sparse
-training with SET and RigL (SP-07).
+"""Masks that change during training: gradual magnitude / N:M pruning (SP-05), dynamic sparse
+training with SET and RigL (SP-07), and dynamic sparse training inside the free capacity of a
+continual learner (SP-08: `set_rigl(restrict_growth=True)`, `set_rigl_restrict`,
+`dst_task_masks`).
 
 Both keep the current masks bit-packed in state, follow the SP-MASK rules with pruning (``u = -p``
 outside the mask, so pruned weights are exactly zero after `optax.apply_updates`), recompute masks
@@ -14,6 +16,7 @@ from typing import Any, Literal, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -22,12 +25,17 @@ from cljax import tree as _tree
 from cljax.transforms.sparse import _common
 from cljax.transforms.sparse import mask_updates as _mu
 from cljax.transforms.sparse._common import key_data as _key_data
+from cljax.transforms.sparse.masks import erk_densities, uniform_densities
 
 __all__ = [
     "MagnitudePruningState",
     "SetRiglState",
+    "dst_task_masks",
     "magnitude_pruning",
     "set_rigl",
+    "set_rigl_get_masks",
+    "set_rigl_restrict",
+    "set_rigl_set_masks",
 ]
 
 
@@ -265,6 +273,8 @@ class SetRiglState(NamedTuple):
     key: chex.Array  # uint32 PRNG key data (random growth)
     masks: Any  # packed uint8 mask per sparse leaf; None for dense leaves
     inner_state: Any
+    # packed uint8 growth restriction per sparse leaf (``restrict_growth=True``); None otherwise
+    allowed: Any = None
 
 
 def set_rigl(
@@ -278,6 +288,7 @@ def set_rigl(
     cosine_decay: bool = True,
     skip_update: bool = True,
     seed: int | jax.Array = 0,
+    restrict_growth: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Dynamic sparse training: periodically drops the weakest weights and grows new ones.
 
@@ -303,6 +314,16 @@ def set_rigl(
     otherwise it also takes the gradient step on the kept weights. Other steps follow the SP-MASK
     rules with pruning.
 
+    With ``restrict_growth=True`` (SP-08, dynamic sparse training inside the free capacity of a
+    continual learner) the state also holds a bit-packed mask ``A`` per sparse leaf, all True at
+    `init` and set by `set_rigl_restrict` at a task boundary (no recompilation). Growth candidates
+    are then ``~M & A``, in every `grow` mode; the number dropped (and grown) in a leaf is capped
+    by its number of candidates (``grow='momentum'``: each leaf's share is capped by them), so the
+    active count stays constant; and entries outside both ``M`` and ``A`` (weights earlier tasks
+    own) are frozen: they get ``u = 0``, not ``-p``, and feed no gradient to `inner` (except with
+    ``grow='momentum'``, whose `inner` sees the dense gradient). Entries outside ``M`` but inside
+    ``A`` are pruned as usual. With ``A`` all True the results equal ``restrict_growth=False``.
+
     Notes:
         With ``skip_update`` the inner optimizer still advances on a mask-update step (its moments
         of the kept weights absorb that step's gradient, its step count increments) while the
@@ -321,11 +342,14 @@ def set_rigl(
         cosine_decay: Anneal the drop fraction with RigL's cosine. Static.
         skip_update: Skip the gradient step on mask-update steps. Static.
         seed: An int or a PRNG key for random growth. Static.
+        restrict_growth: Hold a growth restriction in state (`SetRiglState.allowed`, one bit per
+            entry of each sparse leaf; None when False). Static.
 
     Returns:
         A transform whose state is `SetRiglState`; `update` needs `params`.
 
     Raises:
+        TypeError: a flag that is not a bool.
         ValueError: a drop fraction outside [0, 1]; an unknown `grow`; at `init`, a leaf without
             a mask or with a mask of the wrong shape, or (``grow='momentum'``) an inner state
             without exactly one first moment.
@@ -349,7 +373,11 @@ def set_rigl(
     _checks.check_in_range(fn, "drop_fraction", drop_fraction, 0.0, 1.0)
     _checks.check_int(fn, "update_every", update_every, 1)
     _checks.check_int(fn, "end_step", end_step, 1)
-    for name, flag in (("cosine_decay", cosine_decay), ("skip_update", skip_update)):
+    for name, flag in (
+        ("cosine_decay", cosine_decay),
+        ("skip_update", skip_update),
+        ("restrict_growth", restrict_growth),
+    ):
         if not isinstance(flag, bool):
             raise TypeError(f"{fn}({name}=...) must be a bool, got {flag!r}.")
     key0 = _key_data(seed)
@@ -368,8 +396,20 @@ def set_rigl(
         inner_state = inner.init(params)
         if grow == "momentum":
             momentum_of(inner_state)  # fails early without a first moment
+        allowed = None
+        if restrict_growth:  # every entry allowed until `set_rigl_restrict`
+            allowed = jax.tree.map(
+                lambda m, p: None if m is None else _common.pack(jnp.ones(jnp.shape(p), jnp.bool_)),
+                packed,
+                params,
+                is_leaf=_common.is_none,
+            )
         return SetRiglState(
-            count=jnp.zeros([], jnp.int32), key=key0, masks=packed, inner_state=inner_state
+            count=jnp.zeros([], jnp.int32),
+            key=key0,
+            masks=packed,
+            inner_state=inner_state,
+            allowed=allowed,
         )
 
     def momentum_of(inner_state):
@@ -382,7 +422,7 @@ def set_rigl(
         state = found[0]
         return _common.by_path(state.mu if "mu" in state._fields else state.trace, fn, "mu")
 
-    def regrow(current, updates, params, count, key, inner_state=None):
+    def regrow(current, updates, params, count, key, inner_state=None, allowed=None):
         t = count.astype(jnp.float32)
         fraction = jnp.asarray(drop_fraction, jnp.float32)
         if cosine_decay:
@@ -390,6 +430,11 @@ def set_rigl(
         leaves = jax.tree.leaves(current, is_leaf=_common.is_none)
         grads = jax.tree.leaves(updates, is_leaf=_common.is_none)
         weights = jax.tree.leaves(params, is_leaf=_common.is_none)
+        limits = (
+            [None] * len(leaves)
+            if allowed is None
+            else jax.tree.leaves(allowed, is_leaf=_common.is_none)
+        )
         if grow == "random":  # threefry is costly to compile: only SET draws
             keys = jax.random.split(jax.random.wrap_key_data(key), max(1, len(leaves)))
         if grow == "momentum":
@@ -400,13 +445,15 @@ def set_rigl(
                     current, is_leaf=_common.is_none
                 )[0]
             ]
-        sorted_keys, counts, where, drops, actives, sizes, importance = [], [], [], [], [], [], []
-        for i, (m, g, w) in enumerate(zip(leaves, grads, weights, strict=True)):
+        sorted_keys, counts, where, drops, rooms, importance = [], [], [], [], [], []
+        for i, (m, g, w, a) in enumerate(zip(leaves, grads, weights, limits, strict=True)):
             if m is None:
                 continue
             active = jnp.sum(m, dtype=jnp.int32)
             drop = jnp.floor(fraction * active.astype(jnp.float32)).astype(jnp.int32)
-            drop = jnp.minimum(drop, m.size - active)
+            # At most as many as there are growth candidates: ~m, or ~m & a when restricted.
+            room = m.size - active if a is None else jnp.sum(~m & a, dtype=jnp.int32)
+            drop = jnp.minimum(drop, room)
             if grow == "gradient":
                 score = jnp.abs(g.astype(jnp.float32))
             elif grow == "random":
@@ -421,17 +468,18 @@ def set_rigl(
                 importance.append(
                     jnp.sum(jnp.where(m, score, 0.0)) / jnp.maximum(active, 1).astype(jnp.float32)
                 )
+            # Candidates have keys >= 2**31 (scores are >= 0); others 0, never chosen within `room`.
+            blocked = m if a is None else m | ~a
             sorted_keys += [
                 jnp.where(m, _common.sortable(jnp.abs(w.astype(jnp.float32))), jnp.uint32(0)),
-                jnp.where(m, jnp.uint32(0), _common.sortable(score)),
+                jnp.where(blocked, jnp.uint32(0), _common.sortable(score)),
             ]
             counts += [active - drop, drop]
             where.append(i)
             drops.append(drop)
-            actives.append(active)
-            sizes.append(m.size)
+            rooms.append(room)
         if grow == "momentum" and where:  # redistribute the regrowth over the leaves
-            caps = jnp.stack([jnp.int32(n) - a for n, a in zip(sizes, actives, strict=True)])
+            caps = jnp.stack(rooms)
             budget = _allocate(jnp.sum(jnp.stack(drops)), jnp.stack(importance), caps)
             counts = [c for j, c in enumerate(counts) if j % 2 == 0]
             counts = [x for j, keep in enumerate(counts) for x in (keep, budget[j])]
@@ -449,12 +497,22 @@ def set_rigl(
 
         def mask_step(_):
             current = _mu.unpack_masks(kind, state.masks, updates)
+            allowed = (
+                None if state.allowed is None else _mu.unpack_masks(kind, state.allowed, updates)
+            )
             if grow == "random":
                 key, sub = jax.random.split(jax.random.wrap_key_data(state.key))
-                new = regrow(current, updates, params, state.count, jax.random.key_data(sub))
+                new = regrow(
+                    current,
+                    updates,
+                    params,
+                    state.count,
+                    jax.random.key_data(sub),
+                    allowed=allowed,
+                )
                 return _pack_tree(new), jax.random.key_data(key)
             return _pack_tree(
-                regrow(current, updates, params, state.count, None, state.inner_state)
+                regrow(current, updates, params, state.count, None, state.inner_state, allowed)
             ), state.key
 
         # Only the packed masks pass through the cond; the moment reset is elementwise and fuses.
@@ -487,7 +545,27 @@ def set_rigl(
             )
             fed_updates = _mu.gate_in(updates, steady)
         directions, trained = inner.update(fed_updates, reset, params, **extra_args)
-        out = _mu.gate_out(directions, current, params, prune=True)
+        if state.allowed is None:
+            out = _mu.gate_out(directions, current, params, prune=True)
+        else:  # outside the mask: pruned where allowed, frozen (earlier tasks' weights) elsewhere
+            out = jax.tree.map(
+                lambda u, m, a, p: (
+                    u
+                    if u is None or m is None
+                    else jnp.where(
+                        m,
+                        u,
+                        jnp.where(
+                            _common.unpack(a, jnp.shape(u)), (-p).astype(u.dtype), jnp.zeros_like(u)
+                        ),
+                    )
+                ),
+                directions,
+                current,
+                state.allowed,
+                params,
+                is_leaf=_common.is_none,
+            )
         if skip_update:  # a mask-update step moves no weight except the dropped ones (to zero)
             out = jax.tree.map(
                 lambda u, m: (
@@ -500,7 +578,260 @@ def set_rigl(
                 is_leaf=_common.is_none,
             )
         return out, SetRiglState(
-            count=optax.safe_increment(state.count), key=key, masks=packed, inner_state=trained
+            count=optax.safe_increment(state.count),
+            key=key,
+            masks=packed,
+            inner_state=trained,
+            allowed=state.allowed,
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, _common.compiled_update(update_fn))
+
+
+# ---------------------------------------------------------------------------------------------
+# SP-08: dynamic sparse training inside the free capacity (task boundaries and initial masks).
+
+
+def _find_rigl(fn: str, opt_state: Any, index: int | None) -> SetRiglState:
+    try:
+        return _tree.find_state(opt_state, SetRiglState, index=index)
+    except ValueError as err:
+        raise ValueError(f"{fn}: {str(err).removeprefix('find_state: ')}") from err
+
+
+def _check_inside(fn: str, masks: Any, allowed: Any) -> None:
+    """Raises when a (concrete) packed mask has an active entry outside the packed `allowed`."""
+    for (path, m), a in zip(
+        jax.tree_util.tree_flatten_with_path(masks, is_leaf=_common.is_none)[0],
+        jax.tree.leaves(allowed, is_leaf=_common.is_none),
+        strict=True,
+    ):
+        if m is None or a is None:
+            continue
+        try:
+            outside = np.asarray(m) & ~np.asarray(a)
+        except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+            continue  # traced: checked where it is concrete
+        n = int(np.unpackbits(outside).sum())  # padding bits of a packed mask are zero
+        if n:
+            raise ValueError(
+                f"{fn}: leaf '{_common.path_name(path) or '<root>'}' has {n} active entries outside "
+                "`allowed`; a task's mask must lie inside its free capacity (draw it with "
+                "`dst_task_masks`)."
+            )
+
+
+def _set(
+    fn: str, opt_state: Any, masks: Any, allowed: Any, index: int | None, *, restrict: bool
+) -> Any:
+    state = _find_rigl(fn, opt_state, index)
+    packed = state.masks if masks is None else _mu.replace_masks(fn, state.masks, masks)
+    limit = state.allowed
+    if restrict:
+        if state.allowed is None:
+            raise ValueError(
+                f"{fn}: the `set_rigl` state holds no growth restriction; build it with "
+                "`set_rigl(..., restrict_growth=True)`."
+            )
+        if allowed is None:  # every entry allowed (padding bits are never unpacked)
+            limit = jax.tree.map(
+                lambda a: None if a is None else jnp.full(a.shape, 0xFF, jnp.uint8),
+                state.allowed,
+                is_leaf=_common.is_none,
+            )
+        else:
+            limit = _mu.replace_masks(fn, state.allowed, allowed)
+    if limit is not None:
+        _check_inside(fn, packed, limit)
+    inner = _mu.reset_packed_changes(state.inner_state, state.masks, packed)
+    new = state._replace(masks=packed, inner_state=inner, allowed=limit)
+    return _tree.replace_state(opt_state, new, index=index)
+
+
+def set_rigl_restrict(
+    opt_state: Any, allowed: Any, *, masks: Any = None, index: int | None = None
+) -> Any:
+    """Restricts `set_rigl`'s growth to `allowed` (a new task's free capacity). Call between steps.
+
+    Writes the growth restriction ``A`` of a `set_rigl` built with ``restrict_growth=True``:
+    from now on weights grow only at ``~M & A`` and entries outside ``M | A`` are frozen. With
+    `masks`, also sets the current masks ``M`` (the new task's initial topology) in the same call;
+    the inner state is zeroed where ``M`` changes. The state keeps its structure: no
+    recompilation.
+
+    Args:
+        opt_state: The whole optimizer state (holding one `SetRiglState`).
+        allowed: Boolean arrays with the structure of the parameters (e.g. the complement of the
+            union of earlier tasks' masks; None for dense leaves), or None: every entry allowed.
+        masks: The new current masks (inside `allowed`), or None to keep them.
+        index: Which `SetRiglState` when there are several.
+
+    Returns:
+        `opt_state` with the new restriction (and masks).
+
+    Raises:
+        ValueError: no (or several) `SetRiglState`; a state built without ``restrict_growth``; a
+            mask of the wrong shape or a missing leaf; active entries outside `allowed`.
+
+    Example:
+        >>> params = {"w": jnp.zeros(8)}
+        >>> tx = cljax.set_rigl(optax.sgd(0.1), {"w": jnp.arange(8) < 2}, restrict_growth=True)
+        >>> free = {"w": jnp.arange(8) >= 4}
+        >>> state = cljax.set_rigl_restrict(tx.init(params), free, masks={"w": jnp.arange(8) == 4})
+        >>> cljax.set_rigl_get_masks(state, params)["w"].nonzero()[0]
+        Array([4], dtype=int32)
+
+    References:
+        Yildirim et al., "Continual Learning with Dynamic Sparse Training: Exploring Algorithms
+        for Effective Model Updates", 2023.
+    """
+    return _set("set_rigl_restrict", opt_state, masks, allowed, index, restrict=True)
+
+
+def set_rigl_set_masks(opt_state: Any, masks: Any, *, index: int | None = None) -> Any:
+    """Replaces the current masks of `set_rigl` (a new topology). Call between steps.
+
+    The inner state is zeroed where a mask changes; on the next step weights outside the new
+    masks are pruned (``u = -p``), except, with ``restrict_growth``, those outside ``allowed``
+    (frozen). The active count of a leaf is the new mask's from then on.
+
+    Args:
+        opt_state: The whole optimizer state (holding one `SetRiglState`).
+        masks: Boolean arrays with the structure of the parameters; None for dense leaves.
+        index: Which `SetRiglState` when there are several.
+
+    Returns:
+        `opt_state` with the new masks.
+
+    Raises:
+        ValueError: no (or several) `SetRiglState`; a mask of the wrong shape or a missing leaf;
+            with ``restrict_growth``, active entries outside ``allowed``.
+
+    Example:
+        >>> params = {"w": jnp.zeros(4)}
+        >>> tx = cljax.set_rigl(optax.sgd(0.1), {"w": jnp.arange(4) < 2})
+        >>> state = cljax.set_rigl_set_masks(tx.init(params), {"w": jnp.arange(4) >= 2})
+        >>> cljax.set_rigl_get_masks(state, params)["w"]
+        Array([False, False,  True,  True], dtype=bool)
+    """
+    return _set("set_rigl_set_masks", opt_state, masks, None, index, restrict=False)
+
+
+def set_rigl_get_masks(opt_state: Any, params: Any, *, index: int | None = None) -> Any:
+    """Returns the current masks of `set_rigl`, unpacked (None for dense leaves).
+
+    Args:
+        opt_state: The whole optimizer state (holding one `SetRiglState`).
+        params: The parameters (or any tree with their shapes).
+        index: Which `SetRiglState` when there are several.
+
+    Raises:
+        ValueError: no (or several) `SetRiglState`; `params` that do not match the state.
+
+    Example:
+        >>> params = {"w": jnp.zeros(3)}
+        >>> tx = cljax.set_rigl(optax.sgd(0.1), {"w": jnp.array([True, False, True])})
+        >>> cljax.set_rigl_get_masks(tx.init(params), params)["w"]
+        Array([ True, False,  True], dtype=bool)
+    """
+    fn = "set_rigl_get_masks"
+    return _mu.masks_like(fn, _find_rigl(fn, opt_state, index).masks, params)
+
+
+@jax.jit
+def _draw_inside(key: jax.Array, free: jax.Array, k: jax.Array) -> jax.Array:
+    """`k` entries of `free`, uniformly at random (a random permutation's first free entries)."""
+    rank = jax.random.permutation(key, free.size).reshape(free.shape).astype(jnp.uint32)
+    keys = jnp.where(free, rank + jnp.uint32(1), jnp.uint32(0))
+    return _common.top_k_from_keys([keys], [k], scope="layer")[0]
+
+
+def dst_task_masks(
+    free: Any,
+    density: Any,
+    key: jax.Array,
+    *,
+    allocation: Literal["erk", "uniform"] = "erk",
+) -> Any:
+    """Draws a new task's initial random masks inside the free capacity (SP-08 protocol).
+
+    Leaf ``l`` gets exactly ``ceil(d_l * size_l)`` active entries (as `random_mask`), uniformly at
+    random among its free entries, from ``fold_in(key, crc32(leaf path))``. The per-leaf densities
+    ``d_l`` are relative to the whole leaf, so a task's density stays explicit however much
+    capacity earlier tasks used: `density` is the task's overall density, split over the leaves
+    by ERK (`erk_densities`) or uniformly (`uniform_densities`), or a tree of per-leaf densities.
+    Every leaf where `free` is an array gets a mask, 1-D leaves included (unlike the builders'
+    default); a None mask is a dense leaf for `set_rigl`, which every task would train, so keep
+    such leaves (task heads) out of the sparse transform, e.g. with `optax.partition`.
+
+    Args:
+        free: Boolean arrays with the structure of the parameters: the entries no earlier task
+            owns (``~union``); None for leaves outside the protocol (they get None). Concrete.
+        density: The task's density in (0, 1], or a tree of per-leaf densities (None gives a None
+            mask).
+        key: A PRNG key.
+        allocation: ``'erk'`` or ``'uniform'`` (for a float `density`). Static.
+
+    Returns:
+        A tree of boolean masks (None where `free` is None), each inside `free`.
+
+    Raises:
+        ValueError: an unknown `allocation`; a density outside (0, 1]; a leaf whose free capacity
+            cannot hold its count (the message names the leaf and both counts).
+        TypeError: a `free` leaf that is not a concrete array.
+
+    Example:
+        >>> free = {"w": jnp.arange(16).reshape(4, 4) >= 8}
+        >>> m = cljax.dst_task_masks(free, 0.25, jax.random.key(0))["w"]
+        >>> int(m.sum()), bool((m & ~free["w"]).any())
+        (4, False)
+
+    References:
+        Yildirim et al., "Continual Learning with Dynamic Sparse Training: Exploring Algorithms
+        for Effective Model Updates", 2023 ; Evci et al.,
+        "Rigging the Lottery: Making All Tickets Winners", ICML 2020 (ERK).
+    """
+    fn = "dst_task_masks"
+    _checks.check_choice(fn, "allocation", allocation, ("erk", "uniform"))
+    for path, f in jax.tree_util.tree_flatten_with_path(free, is_leaf=_common.is_none)[0]:
+        if f is None:
+            continue
+        values = _common.concrete_bool(f) if hasattr(f, "shape") else None
+        if values is None:
+            raise TypeError(
+                f"{fn}: leaf '{_common.path_name(path) or '<root>'}' of `free` is "
+                f"{type(f).__name__}; pass a concrete boolean array (or None)."
+            )
+    include = jax.tree.map(lambda f: f is not None, free, is_leaf=_common.is_none)
+    if isinstance(density, (int, float, np.floating, np.integer)) and not isinstance(density, bool):
+        _common.check_density(fn, density)
+        split = erk_densities if allocation == "erk" else uniform_densities
+        densities = split(free, float(density), include=include)
+    else:
+        densities = density
+    lookup = _common.by_path(densities, fn, "density")
+
+    def leaf(path, f):
+        if f is None:
+            return None
+        name = _common.path_name(path)
+        where = name or "<root>"
+        if name not in lookup:
+            raise ValueError(f"{fn}: `density` has no entry for leaf '{where}'.")
+        d = lookup[name]
+        if d is None:
+            return None
+        _common.check_density(fn, d, f"density['{name}']")
+        values = np.asarray(f).astype(bool)
+        k = _common.count_of(float(d), values.size)
+        room = int(values.sum())
+        if k > room:
+            raise ValueError(
+                f"{fn}: leaf '{where}' needs {k} active entries (density {float(d):.4g} of "
+                f"{values.size}) but only {room} are free; lower the task's density or give "
+                "the model more capacity."
+            )
+        leaf_key = jax.random.fold_in(key, _common.path_hash(path))
+        return _draw_inside(leaf_key, jnp.asarray(values), jnp.int32(k))
+
+    return jax.tree_util.tree_map_with_path(leaf, free, is_leaf=_common.is_none)

@@ -196,7 +196,7 @@ def test_subspace_iteration_matches_the_float64_reference_on_a_steep_spectrum():
     assert _np_subspace_error(basis, exact) < 1e-2
 
 
-@settings(deadline=None)
+@settings(deadline=None, max_examples=10)
 @given(
     d=st.integers(1, 10),
     k=st.integers(1, 10),
