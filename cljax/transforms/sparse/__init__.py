@@ -68,6 +68,18 @@ from cljax.transforms.sparse.slow_learner import slca as slca
 from cljax.transforms.sparse.slow_learner import slca_init_stats as slca_init_stats
 from cljax.transforms.sparse.slow_learner import slca_sample_features as slca_sample_features
 from cljax.transforms.sparse.slow_learner import slca_update_stats as slca_update_stats
+from cljax.transforms.sparse.snella import SnellaImportance as SnellaImportance
+from cljax.transforms.sparse.snella import SnellaWeight as SnellaWeight
+from cljax.transforms.sparse.snella import snella_allocate as snella_allocate
+from cljax.transforms.sparse.snella import snella_allocate_counts as snella_allocate_counts
+from cljax.transforms.sparse.snella import snella_budget as snella_budget
+from cljax.transforms.sparse.snella import snella_delta as snella_delta
+from cljax.transforms.sparse.snella import snella_importance_init as snella_importance_init
+from cljax.transforms.sparse.snella import snella_importance_update as snella_importance_update
+from cljax.transforms.sparse.snella import snella_init as snella_init
+from cljax.transforms.sparse.snella import snella_kernel as snella_kernel
+from cljax.transforms.sparse.snella import snella_labels as snella_labels
+from cljax.transforms.sparse.snella import snella_materialize as snella_materialize
 from cljax.transforms.sparse.structured import DiabloState as DiabloState
 from cljax.transforms.sparse.structured import S2ftGroup as S2ftGroup
 from cljax.transforms.sparse.structured import S2ftState as S2ftState
@@ -102,6 +114,8 @@ __all__ = [
     "SetRiglState",
     "SlcaClassStats",
     "SlcaState",
+    "SnellaImportance",
+    "SnellaWeight",
     "SpuState",
     "SurgicalFineTuningState",
     "diablo",
@@ -147,6 +161,16 @@ __all__ = [
     "slca_init_stats",
     "slca_sample_features",
     "slca_update_stats",
+    "snella_allocate",
+    "snella_allocate_counts",
+    "snella_budget",
+    "snella_delta",
+    "snella_importance_init",
+    "snella_importance_update",
+    "snella_init",
+    "snella_kernel",
+    "snella_labels",
+    "snella_materialize",
     "sparse_soup",
     "spu",
     "spu_accumulate",
