@@ -33,6 +33,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -42,6 +43,9 @@ from jax import lax
 
 from cljax.transforms.merging import compression as comp
 from cljax.transforms.merging import task_vectors as tv
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import step_time as _st  # noqa: E402  (the shared tree layout)
 
 N_TASKS = 8
 DARE_DENSITY = 0.1
@@ -101,23 +105,10 @@ def llama_like_shapes(small: bool, mid: bool = False) -> dict[str, Any]:
     """Shapes of a LLaMA-60M-like tree (58.1 M params, 75 leaves), of a 3.6 M-parameter one
     (`mid`) or of a much smaller one."""
     if small:
-        vocab, width, hidden, depth = 1000, 64, 172, 2
-    elif mid:
-        vocab, width, hidden, depth = 4000, 256, 688, 2
-    else:
-        vocab, width, hidden, depth = 32000, 512, 1376, 8
-    block = {
-        "attn": {name: (width, width) for name in ("q", "k", "v", "o")},
-        "mlp": {"gate": (width, hidden), "up": (width, hidden), "down": (hidden, width)},
-        "attn_norm": (width,),
-        "mlp_norm": (width,),
-    }
-    return {
-        "embed": (vocab, width),
-        "blocks": [block] * depth,
-        "final_norm": (width,),
-        "head": (width, vocab),
-    }
+        return _st.llama_shapes(1000, 64, 172, 2)
+    if mid:
+        return _st.llama_shapes(4000, 256, 688, 2)
+    return _st.llama_shapes(32000, 512, 1376, 8)
 
 
 def random_tree(shapes: Any, key: jax.Array, scale: float) -> Any:

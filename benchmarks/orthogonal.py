@@ -123,23 +123,6 @@ def _cuber_entry(params, tasks: int, directions: int):
     return tx, prepare, lambda: {}, memory
 
 
-def _mid_shapes() -> dict[str, Any]:
-    """The LLaMA-like tree at about 1/8 of the full size (7.3 M params, 39 leaves)."""
-    vocab, width, hidden, depth = 8000, 256, 688, 4
-    block = {
-        "attn": {name: (width, width) for name in ("q", "k", "v", "o")},
-        "mlp": {"gate": (width, hidden), "up": (width, hidden), "down": (hidden, width)},
-        "attn_norm": (width,),
-        "mlp_norm": (width,),
-    }
-    return {
-        "embed": (vocab, width),
-        "blocks": [block] * depth,
-        "final_norm": (width,),
-        "head": (width, vocab),
-    }
-
-
 def _peak_resident() -> int:
     """Peak resident set size of this process in bytes (Linux and macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -245,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     tasks = [int(t) for t in args.tasks.split(",") if t.strip()]
 
-    shapes = _mid_shapes() if args.mid else _st.llama_like_shapes(args.small)
+    shapes = _st.llama_like_shapes(args.small, args.mid)
     params = _st.random_tree(shapes, jax.random.key(0), 0.02)
     grads = _st.random_tree(shapes, jax.random.key(1), 1e-3)
     n_params = sum(x.size for x in jax.tree.leaves(params))

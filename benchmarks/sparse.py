@@ -51,23 +51,6 @@ def _masks(params: Any, density: float) -> Any:
     return cljax.random_mask(params, dens, jax.random.key(42))
 
 
-def mid_shapes() -> dict[str, Any]:
-    """The LLaMA-like layout at vocabulary 8000, width 256, hidden 688 and 4 blocks (7.4 M)."""
-    vocab, width, hidden, depth = 8000, 256, 688, 4
-    block = {
-        "attn": {name: (width, width) for name in ("q", "k", "v", "o")},
-        "mlp": {"gate": (width, hidden), "up": (width, hidden), "down": (hidden, width)},
-        "attn_norm": (width,),
-        "mlp_norm": (width,),
-    }
-    return {
-        "embed": (vocab, width),
-        "blocks": [block] * depth,
-        "final_norm": (width,),
-        "head": (width, vocab),
-    }
-
-
 def make_entries(params: Any) -> dict[str, Any]:
     adamw = lambda: optax.adamw(LEARNING_RATE)
     m50, m10 = _masks(params, 0.5), _masks(params, 0.1)
@@ -152,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    shapes = mid_shapes() if args.mid else _st.llama_like_shapes(args.small)
+    shapes = _st.llama_like_shapes(args.small, args.mid)
     params = _st.random_tree(shapes, jax.random.key(0), 0.02)
     grads = _st.random_tree(shapes, jax.random.key(1), 1e-3)
     n_params = sum(x.size for x in jax.tree.leaves(params))

@@ -65,12 +65,8 @@ BASELINE = "optax.adamw"
 COPY = "copy (x + 1)"
 
 
-def llama_like_shapes(small: bool) -> dict[str, Any]:
-    """Shapes of a LLaMA-60M-like tree (58.1 M params, 75 leaves), or of a much smaller one."""
-    if small:
-        vocab, width, hidden, depth = 1000, 64, 172, 2
-    else:
-        vocab, width, hidden, depth = 32000, 512, 1376, 8
+def llama_shapes(vocab: int, width: int, hidden: int, depth: int) -> dict[str, Any]:
+    """Shapes of a LLaMA-style tree: embedding, `depth` attention + SwiGLU blocks, norms, head."""
     block = {
         "attn": {name: (width, width) for name in ("q", "k", "v", "o")},
         "mlp": {"gate": (width, hidden), "up": (width, hidden), "down": (hidden, width)},
@@ -83,6 +79,16 @@ def llama_like_shapes(small: bool) -> dict[str, Any]:
         "final_norm": (width,),
         "head": (width, vocab),
     }
+
+
+def llama_like_shapes(small: bool, mid: bool = False) -> dict[str, Any]:
+    """The LLaMA-60M-like tree (58.1 M params, 75 leaves), a mid-size one (`mid`: vocabulary
+    8000, width 256, 4 blocks, 7.4 M params) or a much smaller one (`small`)."""
+    if small:
+        return llama_shapes(1000, 64, 172, 2)
+    if mid:
+        return llama_shapes(8000, 256, 688, 4)
+    return llama_shapes(32000, 512, 1376, 8)
 
 
 def random_tree(shapes: Any, key: jax.Array, scale: float) -> Any:
