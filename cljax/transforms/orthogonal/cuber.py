@@ -255,16 +255,17 @@ def cuber_add_task(
             raise ValueError(f"{fn}: `threshold` has no value for leaf '{name}'.")
         batch_shape, (d_in, cap) = basis.shape[:-2], basis.shape[-2:]
         x = jnp.asarray(given[name])
-        if not (
-            x.ndim == len(batch_shape) + 2
-            and x.shape[: len(batch_shape)] == batch_shape
-            and x.shape[-1] == d_in
-        ):
-            raise ValueError(
-                f"{fn}: leaf '{name}' has shape {tuple(x.shape)} in `activations`; it must be "
-                f"{batch_shape + ('num_samples', d_in)} (the leaf's batch axes, then the layer "
-                "inputs flattened in the order of the spec's row axes)."
-            )
+        _gpm._check_samples(
+            fn,
+            "activations",
+            name,
+            x,
+            batch_shape,
+            d_in,
+            "num_samples",
+            "the leaf's batch axes, then the layer inputs flattened in the order of the spec's "
+            "row axes",
+        )
         flat_b = basis.reshape((-1, d_in, cap))
         old_c = counts[i].reshape((-1,))
         flat_x = x.reshape((flat_b.shape[0],) + x.shape[len(batch_shape) :])

@@ -211,16 +211,16 @@ def _grow(fn, opt_state, embeddings, threshold, index, which):
             raise ValueError(f"{fn}: `threshold` has no value for leaf '{name}'.")
         batch_shape, (d, cap) = basis.shape[:-2], basis.shape[-2:]
         x = jnp.asarray(given[name])
-        if not (
-            x.ndim == len(batch_shape) + 2
-            and x.shape[: len(batch_shape)] == batch_shape
-            and x.shape[-1] == d
-        ):
-            raise ValueError(
-                f"{fn}: leaf '{name}' has shape {tuple(x.shape)} in `embeddings`; it must be "
-                f"{batch_shape + ('num_tokens', d)} (the leaf's batch axes, then input "
-                "embeddings of the embedding width)."
-            )
+        _gpm._check_samples(
+            fn,
+            "embeddings",
+            name,
+            x,
+            batch_shape,
+            d,
+            "num_tokens",
+            "the leaf's batch axes, then input embeddings of the embedding width",
+        )
         flat_b = basis.reshape((-1, d, cap))
         flat_c = counts[i].reshape((-1,))
         if which == "pre":  # replaced, not grown

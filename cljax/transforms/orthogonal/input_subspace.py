@@ -347,6 +347,21 @@ def _grow(
     return _tree.replace_state(opt_state, new, index=index)
 
 
+def _check_samples(
+    fn: str, arg: str, name: str, x: jax.Array, batch_shape: tuple, width: int, what: str, hint: str
+) -> None:
+    """Raises unless `x` is ``batch_shape + (n, width)``: samples of one leaf's matrix rows."""
+    if not (
+        x.ndim == len(batch_shape) + 2
+        and x.shape[: len(batch_shape)] == batch_shape
+        and x.shape[-1] == width
+    ):
+        raise ValueError(
+            f"{fn}: leaf '{name}' has shape {tuple(x.shape)} in `{arg}`; it must be "
+            f"{batch_shape + (what, width)} ({hint})."
+        )
+
+
 def gpm_add_task(
     opt_state: Any, activations: Any, threshold: Any, *, index: int | None = None
 ) -> Any:
