@@ -140,3 +140,35 @@ def quadratic_leaf(g, p, anchor, importance, scale):
         return None
     diff = p.astype(jnp.float32) - anchor.astype(jnp.float32)
     return (g.astype(jnp.float32) + scale * importance.astype(jnp.float32) * diff).astype(g.dtype)
+
+
+def record_path_integral(fn: str, state: Any, params: Any) -> dict[str, Any]:
+    """SI's importance step on a state with ``importance``, ``path_integral``, ``start`` and
+    ``damping``: returns those fields with ``Ω += w / ((θ − θ_start)² + ξ)``, ``w ← 0`` and
+    ``θ_start ← θ`` (masked leaves untouched), for ``state._replace(**...)``."""
+    named = {"params": params}
+    map_like_state(fn, lambda s, _: s, state.start, named)  # checks params against the state
+    xi = state.damping
+
+    def omega_leaf(omega, w, start, p):
+        moved = f32(p) - start.astype(jnp.float32)
+        return omega + w / (moved * moved + xi)
+
+    importance = jax.tree.map(
+        lambda o, w, s, p: o if is_masked(o) else omega_leaf(o, w, s, p),
+        state.importance,
+        state.path_integral,
+        state.start,
+        params,
+        is_leaf=is_masked,
+    )
+    path_integral = jax.tree.map(
+        lambda w: w if is_masked(w) else jnp.zeros_like(w), state.path_integral, is_leaf=is_masked
+    )
+    start = map_like_state(fn, copy_like, state.start, named)
+    return {"importance": importance, "path_integral": path_integral, "start": start}
+
+
+def copy_like(a: Any, p: Any) -> jax.Array:
+    """A fresh copy of `p` in `a`'s dtype (for `map_like_state`)."""
+    return jnp.array(p, dtype=a.dtype, copy=True)

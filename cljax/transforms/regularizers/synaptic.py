@@ -134,32 +134,8 @@ def si_consolidate(opt_state: Any, params: Any, *, index: int | None = None) -> 
     """
     fn = "si_consolidate"
     state = _common.find_one(fn, opt_state, SiState, index)
-    xi = state.damping
-
-    def omega_leaf(omega, w, start, p):
-        moved = _common.f32(p) - start.astype(_f32)
-        return omega + w / (moved * moved + xi)
-
-    named = {"params": params}
-    _common.map_like_state(fn, lambda s, _: s, state.start, named)
-    is_masked = _common.is_masked
-    omega = jax.tree.map(
-        lambda o, w, s, p: o if is_masked(o) else omega_leaf(o, w, s, p),
-        state.importance,
-        state.path_integral,
-        state.start,
-        params,
-        is_leaf=is_masked,
-    )
-    copy = lambda a, p: jnp.array(p, dtype=a.dtype, copy=True)
     new = state._replace(
-        path_integral=jax.tree.map(
-            lambda w: w if is_masked(w) else jnp.zeros_like(w),
-            state.path_integral,
-            is_leaf=is_masked,
-        ),
-        importance=omega,
-        anchor=_common.map_like_state(fn, copy, state.anchor, named),
-        start=_common.map_like_state(fn, copy, state.start, named),
+        **_common.record_path_integral(fn, state, params),
+        anchor=_common.map_like_state(fn, _common.copy_like, state.anchor, {"params": params}),
     )
     return _common.replace_one(opt_state, new, index)
