@@ -194,3 +194,16 @@ def left_singular(x):
 
 def host_int(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
+
+
+def unzip_parts(parts: Any, n: int) -> list[Any]:
+    """Splits a tree whose leaves are plain ``n``-tuples (or None) into ``n`` trees (None kept)."""
+    is_part = lambda x: isinstance(x, tuple) and len(x) == n and not hasattr(x, "_fields")
+    return [
+        jax.tree.map(
+            lambda x, i=i: None if x is None else x[i],
+            parts,
+            is_leaf=lambda x: x is None or is_part(x),
+        )
+        for i in range(n)
+    ]

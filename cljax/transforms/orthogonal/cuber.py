@@ -126,16 +126,13 @@ def cuber(
 
     def init_fn(params):
         parts = jax.tree_util.tree_map_with_path(leaf_state, params)
-        is_part = lambda x: isinstance(x, tuple) and len(x) == 4 and not hasattr(x, "_fields")
-        pick = lambda i: jax.tree.map(
-            lambda x: None if x is None else x[i], parts, is_leaf=lambda x: x is None or is_part(x)
-        )
+        bases, counts, labels, scales = _common.unzip_parts(parts, 4)
         return CuberState(
             num_tasks=jnp.zeros([], jnp.int32),
-            bases=pick(0),
-            counts=pick(1),
-            labels=pick(2),
-            scales=pick(3),
+            bases=bases,
+            counts=counts,
+            labels=labels,
+            scales=scales,
             inner=_common.init_inner(inner, params),
         )
 

@@ -140,16 +140,13 @@ def fwd_prompt(
 
     def init_fn(params):
         parts = jax.tree_util.tree_map_with_path(leaf_state, params)
-        is_part = lambda x: isinstance(x, tuple) and len(x) == 4 and not hasattr(x, "_fields")
-        pick = lambda i: jax.tree.map(
-            lambda x: None if x is None else x[i], parts, is_leaf=lambda x: x is None or is_part(x)
-        )
+        old_bases, old_counts, pre_bases, pre_counts = _common.unzip_parts(parts, 4)
         return FwdPromptState(
             num_tasks=jnp.zeros([], jnp.int32),
-            old_bases=pick(0),
-            old_counts=pick(1),
-            pre_bases=pick(2),
-            pre_counts=pick(3),
+            old_bases=old_bases,
+            old_counts=old_counts,
+            pre_bases=pre_bases,
+            pre_counts=pre_counts,
             inner=_common.init_inner(inner, params),
         )
 
