@@ -61,7 +61,14 @@ def _is_slt(x: Any) -> bool:
     return isinstance(x, SparseLowRankWeight)
 
 
-def _chosen(fn: str, params: Any, targets: Callable | None, matrix_spec: MatrixSpec):
+def _chosen(
+    fn: str,
+    params: Any,
+    targets: Callable | None,
+    matrix_spec: MatrixSpec,
+    kind: str = "a sparse plus low-rank leaf needs at least two dims.",
+):
+    """Flat leaves, treedef and which leaves `targets` picks (default: every leaf of 2+ dims)."""
     if not isinstance(matrix_spec, MatrixSpec):
         raise TypeError(
             f"{fn}(matrix_spec=...) must be a MatrixSpec, got {type(matrix_spec).__name__}."
@@ -77,8 +84,7 @@ def _chosen(fn: str, params: Any, targets: Callable | None, matrix_spec: MatrixS
     for (path, leaf), sel in zip(leaves, chosen, strict=True):
         if sel and jnp.ndim(leaf) < 2:
             raise ValueError(
-                f"{fn}: leaf '{_checks.leaf_name(path)}' has shape {jnp.shape(leaf)}; a sparse plus "
-                "low-rank leaf needs at least two dims."
+                f"{fn}: leaf '{_checks.leaf_name(path)}' has shape {jnp.shape(leaf)}; {kind}"
             )
     return leaves, treedef, [bool(c) for c in chosen]
 

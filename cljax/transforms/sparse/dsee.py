@@ -28,6 +28,7 @@ from jax import lax
 
 from cljax import _checks
 from cljax.transforms.low_rank.sltrain import SparseLowRankWeight, sltrain_materialize
+from cljax.transforms.low_rank.sltrain import _chosen as _sltrain_chosen
 from cljax.tree import MatrixSpec, as_matrices, matrix_shape
 
 __all__ = [
@@ -75,25 +76,13 @@ def _is_dsee(x: Any) -> bool:
 
 
 def _chosen(fn: str, params: Any, targets: Callable | None, matrix_spec: MatrixSpec):
-    if not isinstance(matrix_spec, MatrixSpec):
-        raise TypeError(
-            f"{fn}(matrix_spec=...) must be a MatrixSpec, got {type(matrix_spec).__name__}."
-        )
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    if targets is None:
-        return leaves, treedef, [jnp.ndim(x) >= 2 for _, x in leaves]
-    if not callable(targets):
-        raise TypeError(
-            f"{fn}(targets=...) must be a function params -> tree of bools, got {type(targets).__name__}."
-        )
-    chosen = [bool(c) for c in treedef.flatten_up_to(targets(params))]
-    for (path, leaf), sel in zip(leaves, chosen, strict=True):
-        if sel and jnp.ndim(leaf) < 2:
-            raise ValueError(
-                f"{fn}: leaf '{_checks.leaf_name(path)}' has shape {jnp.shape(leaf)}; a DSEE leaf needs at "
-                "least two dims. Leave it out of `targets`."
-            )
-    return leaves, treedef, chosen
+    return _sltrain_chosen(
+        fn,
+        params,
+        targets,
+        matrix_spec,
+        "a DSEE leaf needs at least two dims. Leave it out of `targets`.",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
