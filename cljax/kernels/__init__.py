@@ -4,8 +4,9 @@ Every op has a dispatcher with ``impl='auto' | 'xla' | 'pallas'``. ``'auto'`` ru
 kernel only on a GPU or TPU and only where `cljax.kernels` records a measured win for that back
 end, device and shape (`MEASURED`, empty so far: ``'auto'`` is XLA everywhere). ``'xla'`` runs the
 `jnp` reference; ``'pallas'`` runs the kernel (in interpret mode on the CPU, which is for tests,
-not speed). The kernels' lowering with Triton (GPU) and Mosaic (TPU) has not been verified on
-hardware: they are tested in interpret mode on the CPU only.
+not speed). The GPU variants are Triton kernels, the TPU variants Mosaic kernels. On the CPU the
+tests run both in interpret mode against the references and lower both for their hardware
+(Triton IR, Mosaic); neither has yet been compiled or run on a GPU or TPU.
 
 * `adam_step`: Adam moments, cautious mask, (cautious) weight decay and an element-wise mask in
   one pass, with an in-place apply variant.

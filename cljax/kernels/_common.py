@@ -165,7 +165,14 @@ def store(ref: Any, value: jax.Array, target: str, mask: jax.Array | None) -> No
 
 
 def compiler_params(target: str, dimension_semantics: tuple[str, ...] | None = None) -> Any:
-    """Target compiler parameters (the TPU grid's parallel / arbitrary axes); None on the GPU."""
-    if target == "tpu" and dimension_semantics is not None:
+    """Target compiler parameters: the TPU grid's parallel / arbitrary axes, or Triton on the GPU.
+
+    The GPU variant names Triton explicitly: without compiler parameters, ``pallas_call`` lowers
+    GPU kernels with Mosaic GPU (JAX's default since 0.7), which rejects masked loads and the
+    small-block copies these kernels make.
+    """
+    if target == "tpu":
+        if dimension_semantics is None:
+            return None
         return pltpu.CompilerParams(dimension_semantics=dimension_semantics)
-    return None
+    return plgpu.CompilerParams()
