@@ -560,7 +560,10 @@ def _ogd_end(state: TrainState, ctx: TaskContext) -> TrainState:
         return state
     x, y = ctx.sample_batch(int(ctx.hp["examples_per_task"]), seed=5)
     grads = _ogd_gradients_jit(state.params, x, y, example_logits=ctx.fns.example_logits)
-    opt_state = cljax.ogd_add_task(state.opt_state, grads, num_components=ctx.hp["num_components"])
+    # The runner never reads the old optimizer state again: orthogonalise into its basis in place.
+    opt_state = cljax.ogd_add_task(
+        state.opt_state, grads, num_components=ctx.hp["num_components"], donate=True
+    )
     return state._replace(opt_state=opt_state)
 
 
