@@ -90,6 +90,17 @@ CASES: dict[str, Case] = {
         needs_params=True,
     ),
     # LR-07 momentum reset.
+    # EX-17's per-task LoRA on merged weights (adapters in the state).
+    "merged_lora": Case(
+        cljax.merged_lora,
+        {"inner": optax.adam(1e-2), "rank": 2, "alpha": 4.0},
+        static_args=("rank", "alpha", "seed"),
+    ),
+    "merged_lora/train_others": Case(
+        cljax.merged_lora,
+        {"inner": optax.adam(1e-2), "rank": 1, "others": "train"},
+        static_args=("rank", "seed"),
+    ),
     "with_periodic_reset": Case(
         cljax.with_periodic_reset, {"inner": optax.adam(1e-2), "every": 2}, static_args=("every",)
     ),
@@ -146,6 +157,8 @@ NOT_TRANSFORMS = frozenset(
         "lora_merge_and_reset",
         "lora_refactorize",
         "lora_reset_state",
+        "MergedLoraState",
+        "merged_lora_reset",
         "SparseLowRankWeight",
         "sltrain_apply",
         "sltrain_init",

@@ -42,6 +42,9 @@ from cljax.transforms.low_rank.projection import (
 from cljax.transforms.low_rank.projection import (
     scale_by_low_rank_projection as scale_by_low_rank_projection,
 )
+from cljax.transforms.low_rank.merged_lora import MergedLoraState as MergedLoraState
+from cljax.transforms.low_rank.merged_lora import merged_lora as merged_lora
+from cljax.transforms.low_rank.merged_lora import merged_lora_reset as merged_lora_reset
 from cljax.transforms.low_rank.quantized import QuantizedTensor as QuantizedTensor
 from cljax.transforms.low_rank.quantized import QuantizeStateState as QuantizeStateState
 from cljax.transforms.low_rank.quantized import dynamic_code as dynamic_code
@@ -64,6 +67,7 @@ __all__ = [
     "LoraWeight",
     "LowRankResidual",
     "MaskAdaloraBudgetState",
+    "MergedLoraState",
     "QuantizeStateState",
     "QuantizedTensor",
     "RankBankWeight",
@@ -92,6 +96,8 @@ __all__ = [
     "lora_refactorize",
     "lora_reset_state",
     "lorc_compensate",
+    "merged_lora",
+    "merged_lora_reset",
     "low_rank_storage_bytes",
     "mask_adalora_budget",
     "quantize_state",
