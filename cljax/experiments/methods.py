@@ -876,6 +876,26 @@ def _hft_start(state: TrainState, ctx: TaskContext) -> TrainState:
     return state._replace(opt_state=cljax.replace_state(state.opt_state, new))
 
 
+def _lora_optimizer(hp: Mapping[str, Any]) -> optax.GradientTransformation:
+    _check_examples("lora", "rank", hp["rank"])
+    _check_choice("lora", "others", hp["others"], ("frozen", "train"))
+    return cljax.merged_lora(
+        optax.adam(hp["learning_rate"]),
+        rank=int(hp["rank"]),
+        alpha=None if hp["alpha"] is None else float(hp["alpha"]),
+        others=hp["others"],
+        seed=int(hp["seed"]),
+    )
+
+
+def _lora_start(state: TrainState, ctx: TaskContext) -> TrainState:
+    # The previous task's adapter is already in the weights (merged): start a new one with a
+    # fresh Adam state (EX-17's merge-and-reset after every task).
+    if ctx.task_id == 0:
+        return state
+    return state._replace(opt_state=cljax.merged_lora_reset(state.opt_state))
+
+
 def _spu_optimizer(hp: Mapping[str, Any]) -> optax.GradientTransformation:
     _check_fraction("spu", "density", hp["density"])
     _check_fraction("spu", "score_fraction", hp["score_fraction"])
@@ -1207,6 +1227,17 @@ def _build_methods() -> dict[str, Method]:
         references=(
             'Zhang et al., "Overcoming Generic Knowledge Loss with Selective Parameter Update", '
             "CVPR 2024"
+        ),
+    )
+    m["lora"] = Method(
+        "Per-task LoRA merged after each task: Adam on rank-4 adapters of every kernel, a new adapter per task (cljax.merged_lora).",
+        _lora_optimizer,
+        defaults={"rank": 4, "alpha": None, "others": "train"},
+        on_task_start=_lora_start,
+        references=(
+            'Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022; '
+            '"An Empirical Analysis of Forgetting in Pre-trained Models with Incremental '
+            'Low-Rank Updates", 2024'
         ),
     )
     m["galore"] = Method(

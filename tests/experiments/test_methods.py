@@ -834,6 +834,43 @@ def test_sparse_and_low_rank_methods_validate_their_settings():
         Me.METHODS["galore"].optimizer(_hp("galore", **{"refresh_every": None}))
 
 
+def test_lora_changes_each_kernel_by_at_most_rank_r_per_task_and_restarts_its_adapter():
+    params = functional(build_model("mlp", (6,), 5, seed=0, hidden=(8,))).params
+    method, state, ctx = _setup("lora", params, None, *_data(4), **{"lora.rank": 2})
+    assert method.on_task_start(state, ctx) is state  # the first task keeps the initial adapter
+    update = jax.jit(ctx.tx.update)
+    rng = np.random.default_rng(0)
+    starts = [state.params]
+    for task in range(2):
+        if task:
+            state = method.on_task_start(state, ctx._replace(task_id=task))
+            assert bool(cljax.find_state(state.opt_state, cljax.MergedLoraState).pending)
+        for _ in range(3):
+            grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+            u, opt_state = update(grads, state.opt_state, state.params)
+            state = state._replace(params=optax.apply_updates(state.params, u), opt_state=opt_state)
+        starts.append(state.params)
+    assert int(cljax.find_state(state.opt_state, cljax.MergedLoraState).resets) == 1
+    for path, before, after, first in zip(
+        jax.tree_util.tree_leaves_with_path(starts[1]),
+        jax.tree.leaves(starts[1]),
+        jax.tree.leaves(starts[2]),
+        jax.tree.leaves(starts[0]),
+        strict=True,
+    ):
+        if after.ndim != 2:
+            continue  # biases train fully ("others": "train")
+        name = jax.tree_util.keystr(path[0])
+        rank = lambda d: np.linalg.matrix_rank(np.asarray(d, np.float64), tol=1e-5)
+        assert rank(before - first) <= 2, name  # one adapter per task, merged
+        assert rank(after - before) <= 2, name
+        assert rank(after - first) > 2, name  # two different adapters
+    with pytest.raises(ValueError, match="'rank' must be an int >= 1"):
+        Me.METHODS["lora"].optimizer(_hp("lora", **{"rank": 0}))
+    with pytest.raises(ValueError, match="others"):
+        Me.METHODS["lora"].optimizer(_hp("lora", **{"others": "all"}))
+
+
 # ---------------------------------------------------------------------------------------------
 # Slow: every regulariser, projection and plasticity method through the runner, tiny budgets.
 
@@ -854,6 +891,7 @@ CL_METHODS = (
     "hft",
     "spu",
     "galore",
+    "lora",
 )
 # Continual backprop replaces units only after `maturity` steps: make it happen in a tiny run.
 _TINY = {"cbp": {"cbp.maturity": 1, "cbp.replacement_rate": 0.5}}
