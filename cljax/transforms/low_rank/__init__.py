@@ -36,15 +36,15 @@ from cljax.transforms.low_rank.lora import lora_labels as lora_labels
 from cljax.transforms.low_rank.lora import lora_merge_and_reset as lora_merge_and_reset
 from cljax.transforms.low_rank.lora import lora_refactorize as lora_refactorize
 from cljax.transforms.low_rank.lora import lora_reset_state as lora_reset_state
+from cljax.transforms.low_rank.merged_lora import MergedLoraState as MergedLoraState
+from cljax.transforms.low_rank.merged_lora import merged_lora as merged_lora
+from cljax.transforms.low_rank.merged_lora import merged_lora_reset as merged_lora_reset
 from cljax.transforms.low_rank.projection import (
     ScaleByLowRankProjectionState as ScaleByLowRankProjectionState,
 )
 from cljax.transforms.low_rank.projection import (
     scale_by_low_rank_projection as scale_by_low_rank_projection,
 )
-from cljax.transforms.low_rank.merged_lora import MergedLoraState as MergedLoraState
-from cljax.transforms.low_rank.merged_lora import merged_lora as merged_lora
-from cljax.transforms.low_rank.merged_lora import merged_lora_reset as merged_lora_reset
 from cljax.transforms.low_rank.quantized import QuantizedTensor as QuantizedTensor
 from cljax.transforms.low_rank.quantized import QuantizeStateState as QuantizeStateState
 from cljax.transforms.low_rank.quantized import dynamic_code as dynamic_code

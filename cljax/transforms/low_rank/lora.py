@@ -136,6 +136,30 @@ def _targets(fn: str, params: Any, targets: Callable | None, matrix_spec: Matrix
     return leaves, treedef, [bool(c) for c in chosen]
 
 
+def _layout(fn: str, params: Any, targets: Callable | None, matrix_spec: MatrixSpec):
+    """``(leaves with paths, treedef, plan)``: per leaf None (not adapted) or
+    ``(name, batch_shape, m, n)`` of its matrix view."""
+    leaves, treedef, chosen = _targets(fn, params, targets, matrix_spec)
+    plan = []
+    for (path, leaf), sel in zip(leaves, chosen, strict=True):
+        if not sel:
+            plan.append(None)
+            continue
+        name = _checks.leaf_name(path)
+        shape = jnp.shape(leaf)
+        batch_axes, _, _ = matrix_spec.axes(len(shape), name)
+        _, m, n = matrix_shape(shape, matrix_spec, name)
+        plan.append((name, tuple(shape[ax] for ax in batch_axes), m, n))
+    return leaves, treedef, plan
+
+
+def _scale(rank: int, alpha: float | None, rslora: bool) -> float:
+    """``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA); 1 without `alpha`."""
+    if alpha is None:
+        return 1.0
+    return float(alpha) / (math.sqrt(rank) if rslora else rank)
+
+
 def lora_init(
     key: jax.Array,
     params: Any,
@@ -183,22 +207,15 @@ def lora_init(
     _checks.check_choice(fn, "init", init, _INITS)
     if alpha is not None:
         _checks.check_in_range(fn, "alpha", alpha, 0.0, math.inf, low_inclusive=False)
-    leaves, treedef, chosen = _targets(fn, params, targets, matrix_spec)
-    if alpha is None:
-        scale = 1.0
-    else:
-        scale = float(alpha) / (math.sqrt(rank) if rslora else rank)
+    leaves, treedef, plan = _layout(fn, params, targets, matrix_spec)
+    scale = _scale(rank, alpha, rslora)
     with_gates = gates or init == "svd_form"
     out = []
-    for i, ((path, leaf), sel) in enumerate(zip(leaves, chosen, strict=True)):
-        if not sel:
+    for i, ((_, leaf), entry) in enumerate(zip(leaves, plan, strict=True)):
+        if entry is None:
             out.append(leaf)
             continue
-        name = _checks.leaf_name(path)
-        shape = jnp.shape(leaf)
-        batch_axes, _, _ = matrix_spec.axes(len(shape), name)
-        _, m, n = matrix_shape(shape, matrix_spec, name)
-        batch_shape = tuple(shape[ax] for ax in batch_axes)
+        _, batch_shape, m, n = entry
         a, b, gate = _factors(
             jax.random.fold_in(key, i), batch_shape, m, n, rank, init, jnp.result_type(leaf)
         )

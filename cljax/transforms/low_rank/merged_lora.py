@@ -38,8 +38,8 @@ from jax import lax
 
 from cljax import _checks
 from cljax import tree as _tree
-from cljax.transforms.low_rank.lora import _INITS, Init, _factors, _targets
-from cljax.tree import MatrixSpec, as_matrices, from_matrices, matrix_shape
+from cljax.transforms.low_rank.lora import _INITS, Init, _factors, _layout, _scale
+from cljax.tree import MatrixSpec, as_matrices, from_matrices
 
 __all__ = ["MergedLoraState", "merged_lora", "merged_lora_reset"]
 
@@ -127,28 +127,16 @@ def merged_lora(
             "'svd_form' needs its gates trained, which this transform does not hold)."
         )
     _checks.check_choice(fn, "others", others, ("frozen", "train"))
-    if alpha is None:
-        scale = 1.0
-    else:
+    if alpha is not None:
         _checks.check_in_range(fn, "alpha", alpha, 0.0, math.inf, low_inclusive=False)
-        scale = float(alpha) / (math.sqrt(rank) if rslora else rank)
+    scale = _scale(rank, alpha, rslora)
     inner = optax.with_extra_args_support(inner)
     key0 = jax.random.key_data(jax.random.key(seed))
 
     def layout(params):
         """Per leaf: None (no adapter) or ``(name, batch_shape, m, n)``; and the treedef."""
-        leaves, treedef, chosen = _targets(fn, params, targets, matrix_spec)
-        out = []
-        for (path, leaf), sel in zip(leaves, chosen, strict=True):
-            if not sel:
-                out.append(None)
-                continue
-            name = _checks.leaf_name(path)
-            shape = jnp.shape(leaf)
-            batch_axes, _, _ = matrix_spec.axes(len(shape), name)
-            _, m, n = matrix_shape(shape, matrix_spec, name)
-            out.append((name, tuple(shape[ax] for ax in batch_axes), m, n))
-        return out, treedef
+        _, treedef, plan = _layout(fn, params, targets, matrix_spec)
+        return plan, treedef
 
     def draw(key_data, plan, treedef):
         key = jax.random.wrap_key_data(key_data)
