@@ -75,13 +75,21 @@ TARGETS = ("gpu", "tpu")
 )
 def test_adam_step_lowers(target, shape, dtype):
     x = _abstract(shape, dtype)
+    keep = _abstract(shape, jnp.bool_)
+    everything = dict(
+        weight_decay=0.1,
+        cautious="mean_clamp",
+        cautious_weight_decay=True,
+        apply=True,
+    )
+    assert_lowers(_adam(target), (x, x, x, x), target)
+    assert_lowers(_adam(target, masked=True, **everything), (x, x, x, x, keep), target)
 
-    def plain(g, p, mu, nu):
-        return _adam_step.pallas(
-            g, p, mu, nu, jnp.int32(3), learning_rate=1e-3, target=target, interpret=False
-        )
 
-    def everything(g, p, mu, nu, keep):
+def _adam(target, masked=False, **options):
+    """`adam_step`'s kernel as a function of its arrays (and the keep-mask when `masked`)."""
+
+    def step(g, p, mu, nu, keep=None):
         return _adam_step.pallas(
             g,
             p,
@@ -89,17 +97,13 @@ def test_adam_step_lowers(target, shape, dtype):
             nu,
             jnp.int32(3),
             learning_rate=1e-3,
-            weight_decay=0.1,
-            cautious="mean_clamp",
-            cautious_weight_decay=True,
             mask=keep,
-            apply=True,
             target=target,
             interpret=False,
+            **options,
         )
 
-    assert_lowers(plain, (x, x, x, x), target)
-    assert_lowers(everything, (x, x, x, x, _abstract(shape, jnp.bool_)), target)
+    return step if masked else (lambda g, p, mu, nu: step(g, p, mu, nu))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,20 +240,8 @@ def test_eight_bit_operands_lower_on_each_tpu_generation(tpu_kind):
     # 8-bit memory (the int8 mask, the packed bytes) is where the chip's tiling enters.
     x = _abstract((300, 257))
 
-    def masked(g, p, mu, nu, keep):
-        return _adam_step.pallas(
-            g,
-            p,
-            mu,
-            nu,
-            jnp.int32(1),
-            learning_rate=1e-3,
-            mask=keep,
-            target="tpu",
-            interpret=False,
-        )
-
-    assert_lowers(masked, (x, x, x, x, _abstract((300, 257), jnp.bool_)), "tpu", tpu_kind=tpu_kind)
+    keep = _abstract((300, 257), jnp.bool_)
+    assert_lowers(_adam("tpu", masked=True), (x, x, x, x, keep), "tpu", tpu_kind=tpu_kind)
     packed = _abstract(_packed_mask.packed_shape((64, 2048)), jnp.uint8)
     fn = lambda y, p: _packed_mask.pallas(y, p, target="tpu", interpret=False)
     assert_lowers(fn, (_abstract((64, 2048)), packed), "tpu", tpu_kind=tpu_kind)
@@ -259,9 +251,7 @@ def test_gpu_variant_is_lowered_with_triton_whatever_the_default_gpu_back_end():
     # Since JAX 0.7 a `pallas_call` without compiler parameters lowers with Mosaic GPU, which
     # rejects these kernels; they must name Triton themselves.
     x = _abstract((300, 257))
-    fn = lambda g, p, mu, nu: _adam_step.pallas(
-        g, p, mu, nu, jnp.int32(0), learning_rate=1e-3, target="gpu", interpret=False
-    )
+    fn = _adam("gpu")
     from jax._src import config
 
     for use_mosaic_gpu in (True, False):
