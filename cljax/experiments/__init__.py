@@ -16,6 +16,7 @@ from cljax.experiments import memory as memory
 from cljax.experiments import methods as methods
 from cljax.experiments import metrics as metrics
 from cljax.experiments import models as models
+from cljax.experiments import probes as probes
 from cljax.experiments import replay as replay
 from cljax.experiments import results as results
 from cljax.experiments import runner as runner
@@ -43,6 +44,7 @@ __all__ = [
     "methods",
     "metrics",
     "models",
+    "probes",
     "replay",
     "results",
     "run",
