@@ -876,24 +876,70 @@ def _hft_start(state: TrainState, ctx: TaskContext) -> TrainState:
     return state._replace(opt_state=cljax.replace_state(state.opt_state, new))
 
 
+class _PhaseState(NamedTuple):
+    """State of `_dense_then`: which optimizer steps (0: the dense one, 1: the adapter one)."""
+
+    phase: jax.Array  # int32
+    dense: Any
+    adapter: Any
+
+
+def _dense_then(
+    dense: optax.GradientTransformation, adapter: optax.GradientTransformation
+) -> optax.GradientTransformation:
+    """Steps `dense` until the phase is set to 1 (a task-boundary hook), then `adapter`."""
+
+    def init_fn(params):
+        return _PhaseState(jnp.zeros([], jnp.int32), dense.init(params), adapter.init(params))
+
+    def update_fn(updates, state, params=None):
+        def run_dense(_):
+            u, new = dense.update(updates, state.dense, params)
+            return u, new, state.adapter
+
+        def run_adapter(_):
+            u, new = adapter.update(updates, state.adapter, params)
+            return u, state.dense, new
+
+        u, d, a = jax.lax.cond(state.phase == 0, run_dense, run_adapter, None)
+        return u, _PhaseState(state.phase, d, a)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 def _lora_optimizer(hp: Mapping[str, Any]) -> optax.GradientTransformation:
     _check_examples("lora", "rank", hp["rank"])
     _check_choice("lora", "others", hp["others"], ("frozen", "train"))
-    return cljax.merged_lora(
+    dense_tasks = hp["dense_tasks"]
+    if isinstance(dense_tasks, bool) or not isinstance(dense_tasks, int) or dense_tasks < 0:
+        raise ValueError(
+            f"method 'lora': 'dense_tasks' must be an int >= 0 (tasks trained in full before the "
+            f"adapters), got {dense_tasks!r}."
+        )
+    adapter = cljax.merged_lora(
         optax.adam(hp["learning_rate"]),
         rank=int(hp["rank"]),
         alpha=None if hp["alpha"] is None else float(hp["alpha"]),
         others=hp["others"],
         seed=int(hp["seed"]),
     )
+    if dense_tasks == 0:
+        return adapter
+    return _dense_then(optax.adam(hp["learning_rate"]), adapter)
 
 
 def _lora_start(state: TrainState, ctx: TaskContext) -> TrainState:
-    # The previous task's adapter is already in the weights (merged): start a new one with a
+    # Tasks before `dense_tasks` train every weight (the "pre-trained" model); from then on each
+    # task trains a new adapter, the previous one being already in the weights (merged), with a
     # fresh Adam state (EX-17's merge-and-reset after every task).
-    if ctx.task_id == 0:
+    dense_tasks = int(ctx.hp["dense_tasks"])
+    if ctx.task_id < max(dense_tasks, 1):
         return state
-    return state._replace(opt_state=cljax.merged_lora_reset(state.opt_state))
+    opt_state = state.opt_state
+    if ctx.task_id == dense_tasks:
+        phase = cljax.find_state(opt_state, _PhaseState)
+        opt_state = cljax.replace_state(opt_state, phase._replace(phase=jnp.ones_like(phase.phase)))
+    return state._replace(opt_state=cljax.merged_lora_reset(opt_state))
 
 
 def _spu_optimizer(hp: Mapping[str, Any]) -> optax.GradientTransformation:
@@ -1230,9 +1276,9 @@ def _build_methods() -> dict[str, Method]:
         ),
     )
     m["lora"] = Method(
-        "Per-task LoRA merged after each task: Adam on rank-4 adapters of every kernel, a new adapter per task (cljax.merged_lora).",
+        "Incremental LoRA: the first task trains every weight, then a new rank-4 adapter per task, merged after it (cljax.merged_lora).",
         _lora_optimizer,
-        defaults={"rank": 4, "alpha": None, "others": "train"},
+        defaults={"rank": 4, "alpha": None, "others": "train", "dense_tasks": 1},
         on_task_start=_lora_start,
         references=(
             'Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022; '

@@ -834,41 +834,45 @@ def test_sparse_and_low_rank_methods_validate_their_settings():
         Me.METHODS["galore"].optimizer(_hp("galore", **{"refresh_every": None}))
 
 
-def test_lora_changes_each_kernel_by_at_most_rank_r_per_task_and_restarts_its_adapter():
+def _lora_task_deltas(dense_tasks, tasks=2, rank=2):
+    """Trains the 'lora' method over `tasks` tasks of random gradients; returns the kernels'
+    parameters at each task boundary and the last state."""
     params = functional(build_model("mlp", (6,), 5, seed=0, hidden=(8,))).params
-    method, state, ctx = _setup("lora", params, None, *_data(4), **{"lora.rank": 2})
-    assert method.on_task_start(state, ctx) is state  # the first task keeps the initial adapter
+    over = {"lora.rank": rank, "lora.dense_tasks": dense_tasks}
+    method, state, ctx = _setup("lora", params, None, *_data(4), **over)
     update = jax.jit(ctx.tx.update)
     rng = np.random.default_rng(0)
-    starts = [state.params]
-    for task in range(2):
-        if task:
-            state = method.on_task_start(state, ctx._replace(task_id=task))
-            assert bool(cljax.find_state(state.opt_state, cljax.MergedLoraState).pending)
+    kernels = lambda p: [p["layers"][0]["kernel"], p["head"]["kernel"]]
+    starts = [kernels(state.params)]
+    for task in range(tasks):
+        state = method.on_task_start(state, ctx._replace(task_id=task))
         for _ in range(3):
             grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
             u, opt_state = update(grads, state.opt_state, state.params)
             state = state._replace(params=optax.apply_updates(state.params, u), opt_state=opt_state)
-        starts.append(state.params)
+        starts.append(kernels(state.params))
+    rank_of = lambda d: np.linalg.matrix_rank(np.asarray(d, np.float64), tol=1e-5)
+    deltas = [
+        [rank_of(b - a) for a, b in zip(starts[t], starts[t + 1], strict=True)]
+        for t in range(tasks)
+    ]
+    return deltas, state
+
+
+def test_lora_changes_each_kernel_by_at_most_rank_r_per_task_and_restarts_its_adapter():
+    deltas, state = _lora_task_deltas(dense_tasks=0)
+    assert all(r <= 2 for task in deltas for r in task)  # one rank-2 adapter per task, merged
     assert int(cljax.find_state(state.opt_state, cljax.MergedLoraState).resets) == 1
-    for path, before, after, first in zip(
-        jax.tree_util.tree_leaves_with_path(starts[1]),
-        jax.tree.leaves(starts[1]),
-        jax.tree.leaves(starts[2]),
-        jax.tree.leaves(starts[0]),
-        strict=True,
-    ):
-        if after.ndim != 2:
-            continue  # biases train fully ("others": "train")
-        name = jax.tree_util.keystr(path[0])
-        rank = lambda d: np.linalg.matrix_rank(np.asarray(d, np.float64), tol=1e-5)
-        assert rank(before - first) <= 2, name  # one adapter per task, merged
-        assert rank(after - before) <= 2, name
-        assert rank(after - first) > 2, name  # two different adapters
+    # The default: the first task trains every weight ("pre-training"), then adapters.
+    deltas, state = _lora_task_deltas(dense_tasks=1, tasks=3)
+    assert min(deltas[0]) > 2 and all(r <= 2 for task in deltas[1:] for r in task)
+    assert int(cljax.find_state(state.opt_state, cljax.MergedLoraState).resets) == 2
     with pytest.raises(ValueError, match="'rank' must be an int >= 1"):
         Me.METHODS["lora"].optimizer(_hp("lora", **{"rank": 0}))
     with pytest.raises(ValueError, match="others"):
         Me.METHODS["lora"].optimizer(_hp("lora", **{"others": "all"}))
+    with pytest.raises(ValueError, match="'dense_tasks' must be an int >= 0"):
+        Me.METHODS["lora"].optimizer(_hp("lora", **{"dense_tasks": -1}))
 
 
 # ---------------------------------------------------------------------------------------------
