@@ -15,6 +15,9 @@ subspace-iteration step, with the subspace error
 ``‖(I − B Bᵀ) U_r‖₂`` against the exact basis on a matrix with a spectral gap after ``r``, and
 the captured energy ``‖Bᵀ G‖_F² / ‖U_rᵀ G‖_F²`` on a matrix without one.
 
+`merged_lora` (LoRA with the adapters in the optimizer state) runs in part 1 beside them: it has
+no refresh, so its two variants are the same step.
+
 Usage:
     python benchmarks/low_rank.py            # the full tree, rank 128 (minutes; needs ~4 GiB)
     python benchmarks/low_rank.py --small    # a small tree, rank 16, a quick check
@@ -66,6 +69,8 @@ def optimizers(rank: int, every: int) -> dict[str, Callable[[], optax.GradientTr
         "frugal (density 0.25, svd)": lambda: cljax.frugal(
             LEARNING_RATE, density=0.25, refresh_every=every
         ),
+        # LoRA on merged weights: Adam on rank-r adapters of every matrix (no refresh).
+        "merged_lora (adam)": lambda: cljax.merged_lora(optax.adam(LEARNING_RATE), rank=rank),
     }
 
 
