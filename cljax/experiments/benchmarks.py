@@ -69,6 +69,13 @@ def _char_lm(num_tasks: int | None) -> Stream:
     return _data.char_lm(domains[:num_tasks] if num_tasks else domains)
 
 
+def _scole(base: str, default_tasks: int, **fixed: Any) -> Callable[[int | None], Stream]:
+    def build(num_tasks: int | None) -> Stream:
+        return _data.scole(num_tasks or default_tasks, base=base, **fixed)
+
+    return build
+
+
 _MLP = {"hidden": (128, 128)}
 _DIGITS_CNN = {"spatial": (8, 8), "channels": (16, 32), "dense": 64}
 
@@ -166,6 +173,17 @@ def _build() -> dict[str, Benchmark]:
         eval_every=60,
         eval_subsample=50,
         probe_size=128,
+    )
+    b["scole-digits"] = Benchmark(
+        "SCoLe on the digits: 50 short tasks of 2 random classes of 10 (40 examples each), "
+        "accuracy on all classes over time (EX-12); Class-IL (MLP)",
+        _scole("digits", 50, classes_per_task=2, samples_per_class=40),
+        "mlp",
+        _MLP,
+        steps_per_task=20,
+        eval_every=10,
+        eval_subsample=50,
+        probe_size=64,
     )
     return b
 

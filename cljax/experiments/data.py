@@ -9,6 +9,9 @@ package or is generated:
   `permuted_digits` and `rotated_digits` (domain-incremental);
 * MNIST-1D generated procedurally by `make_mnist1d` (our own templates and generator, written
   from the MNIST-1D paper's description): `split_mnist1d`, `permuted_mnist1d`;
+* SCoLe (`scole`): long sequences of small random class subsets of a fixed pool of digits or
+  MNIST-1D classes with controlled re-occurrence, plus the pool's whole test set for measuring
+  knowledge accumulation (EX-12);
 * character-level language modelling on text that ships with Python (`char_lm`): documentation
   prose (``pydoc_data``), standard-library source code, Unicode character names, and ROT13-encoded
   prose (the encoding of ``this``'s Zen of Python), one domain per task (continual pre-training).
@@ -32,6 +35,7 @@ import numpy as np
 __all__ = [
     "CHAR_DOMAINS",
     "CHAR_VOCAB_SIZE",
+    "SCOLE_BASES",
     "Scenario",
     "Stream",
     "Task",
@@ -46,6 +50,8 @@ __all__ = [
     "permuted_mnist1d",
     "rotate_images",
     "rotated_digits",
+    "scole",
+    "scole_classes",
     "split_digits",
     "split_digits_domain",
     "split_mnist1d",
@@ -71,7 +77,12 @@ class Task(NamedTuple):
 
 
 class Stream(NamedTuple):
-    """A sequence of tasks sharing one input shape and one output space."""
+    """A sequence of tasks sharing one input shape and one output space.
+
+    ``pool_test``, when set, is an extra evaluation set ``(x, y)`` (the test examples of every
+    class of the stream's class pool, as `scole` builds): the runner evaluates it at every
+    evaluation point (knowledge accumulation, EX-12). Streams without it cost nothing extra.
+    """
 
     name: str
     tasks: tuple[Task, ...]
@@ -80,6 +91,7 @@ class Stream(NamedTuple):
     scenarios: tuple[Scenario, ...]  # what one run reports: ("task", "class") or ("domain",)
     kind: Literal["classification", "language_model"] = "classification"
     description: str = ""
+    pool_test: tuple[np.ndarray, np.ndarray] | None = None  # all classes' test set (EX-12)
 
     @property
     def num_tasks(self) -> int:
@@ -649,6 +661,197 @@ def permuted_mnist1d(
         transforms,
         (x_tr.shape[1],),
         f"MNIST-1D ({num_samples} generated), {num_tasks} position permutations",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# SCoLe: long sequences of small class subsets with re-occurrence (EX-12).
+
+SCOLE_BASES = ("digits", "mnist1d")
+
+
+def _check_int(fn: str, arg: str, value, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{fn}({arg}=...) must be an int, got {value!r}.")
+    if value < low or (high is not None and value > high):
+        upper = f" and at most {high}" if high is not None else ""
+        raise ValueError(f"{fn}({arg}=...) must be at least {low}{upper}, got {value}.")
+    return int(value)
+
+
+def scole_classes(
+    num_tasks: int,
+    *,
+    pool_size: int = 10,
+    classes_per_task: int = 2,
+    recurrence: float = 0.0,
+    seed: int = 0,
+) -> tuple[tuple[int, ...], ...]:
+    """The class sets of a SCoLe stream: one sorted tuple of class ids per task.
+
+    Task ``t`` draws `classes_per_task` distinct classes uniformly from the pool
+    ``{0, ..., pool_size - 1}``, then adds every other pool class independently with probability
+    `recurrence`. A class is therefore in a task with probability
+    ``k / C + (1 - k / C) * recurrence`` (``k`` classes per task, ``C`` the pool size), the same
+    for every task and class; ``recurrence=1`` makes every task the whole pool. Every task
+    consumes the same number of random draws, from a generator seeded by ``(seed, 0)`` only, so
+    the class sequence depends on nothing but these arguments.
+
+    Args:
+        num_tasks: Number of tasks (at least 1).
+        pool_size: Size ``C`` of the class pool (at least 2).
+        classes_per_task: Classes ``k`` drawn for every task (1 to `pool_size`).
+        recurrence: Probability in [0, 1] that each pool class not drawn joins the task.
+        seed: Seed of the draws.
+
+    Returns:
+        ``num_tasks`` sorted tuples of class ids.
+
+    Raises:
+        TypeError: when a count is not an int.
+        ValueError: for a count out of range or `recurrence` outside [0, 1].
+
+    Example:
+        >>> from cljax.experiments.data import scole_classes
+        >>> scole_classes(3, pool_size=4, classes_per_task=2, recurrence=1.0)
+        ((0, 1, 2, 3), (0, 1, 2, 3), (0, 1, 2, 3))
+    """
+    return _draw_classes("scole_classes", num_tasks, pool_size, classes_per_task, recurrence, seed)
+
+
+def _draw_classes(
+    fn: str, num_tasks, pool_size, classes_per_task, recurrence, seed
+) -> tuple[tuple[int, ...], ...]:
+    num_tasks = _check_int(fn, "num_tasks", num_tasks, 1)
+    pool_size = _check_int(fn, "pool_size", pool_size, 2)
+    k = _check_int(fn, "classes_per_task", classes_per_task, 1, pool_size)
+    if not 0.0 <= float(recurrence) <= 1.0:
+        raise ValueError(f"{fn}(recurrence=...) must be in [0, 1], got {recurrence!r}.")
+    rng = np.random.default_rng([int(seed), 0])
+    out = []
+    for _ in range(num_tasks):
+        drawn = rng.choice(pool_size, size=k, replace=False)
+        joins = rng.random(pool_size) < recurrence  # random() < 1 always; < 0 never
+        joins[drawn] = True
+        out.append(tuple(int(c) for c in np.flatnonzero(joins)))
+    return tuple(out)
+
+
+def scole(
+    num_tasks: int = 50,
+    *,
+    base: str = "digits",
+    pool_size: int = 10,
+    classes_per_task: int = 2,
+    recurrence: float = 0.0,
+    samples_per_class: int | None = None,
+    seed: int = 0,
+    split_seed: int = 0,
+    num_samples: int = 5000,
+) -> Stream:
+    """SCoLe: a long sequence of tasks, each a small random subset of a fixed class pool.
+
+    The pool is the classes ``0 .. pool_size - 1`` of `base` (scikit-learn digits or generated
+    MNIST-1D). Task ``t``'s classes come from `scole_classes`: `classes_per_task` classes drawn
+    uniformly without replacement, plus every other pool class independently with probability
+    `recurrence` (1: every task is the whole pool). Its training set is, for each of its classes,
+    `samples_per_class` training examples of that class drawn without replacement (a fresh draw
+    per task, from a generator seeded by ``(seed, 1, t)``; None: all of them); its test set is
+    every test example of its classes. Labels stay global and one head covers the pool
+    (class-incremental). ``Stream.pool_test`` is the test set of the whole pool, on which the
+    runner measures knowledge accumulation (accuracy on all classes over time).
+
+    Sampling is seeded and logged: each ``Task.classes`` is its class list, the description
+    names every argument, and the same arguments always give the same stream. The data split
+    (`split_seed`, or the MNIST-1D sample) never depends on `seed`.
+
+    Args:
+        num_tasks: Number of tasks (at least 1).
+        base: ``'digits'`` or ``'mnist1d'``.
+        pool_size: Classes in the pool, 2 to 10.
+        classes_per_task: Classes drawn for each task, 1 to `pool_size`.
+        recurrence: Probability in [0, 1] that each pool class not drawn for a task joins it.
+        samples_per_class: Training examples per class and task (None: all), at most the
+            smallest class's training count.
+        seed: Seed of the class draws and the per-task training subsets.
+        split_seed: Train/test split seed of the digits.
+        num_samples: Examples generated for MNIST-1D (80% for training).
+
+    Returns:
+        A `Stream` with scenario ``("class",)``, ``num_classes = pool_size`` and `pool_test` set.
+
+    Raises:
+        TypeError: when a count is not an int.
+        ValueError: for an unknown `base`, a count out of range, `recurrence` outside [0, 1],
+            or more `samples_per_class` than a class holds.
+
+    Notes:
+        The paper's tasks are random class subsets of a finite environment with data
+        re-occurring at various frequencies (how it varies them was not checked);
+        ``recurrence=0`` is the uniform draw, and `recurrence` is our own knob for denser
+        re-occurrence (it cannot make a class rarer than the uniform draw). The per-task training
+        subset stands in for the paper's per-task data sampling, whose exact form we did not
+        check.
+
+    Example:
+        >>> stream = cljax.experiments.data.scole(4, classes_per_task=2, samples_per_class=5)
+        >>> [len(task.y_train) for task in stream.tasks], stream.pool_test[1].shape
+        ([10, 10, 10, 10], (360,))
+
+    References:
+        Lesort et al., "Challenging Common Assumptions about Catastrophic Forgetting and
+        Knowledge Accumulation", CoLLAs 2023. https://arxiv.org/abs/2207.04543
+    """
+    fn = "scole"
+    if base not in SCOLE_BASES:
+        raise ValueError(
+            f"{fn}(base=...) must be one of {', '.join(map(repr, SCOLE_BASES))}, got {base!r}."
+        )
+    pool_size = _check_int(fn, "pool_size", pool_size, 2, 10)
+    classes = _draw_classes(fn, num_tasks, pool_size, classes_per_task, recurrence, seed)
+    if base == "digits":
+        x_tr, y_tr, x_te, y_te = load_digits_split(split_seed)
+        source = f"scikit-learn digits (split seed {split_seed})"
+    else:
+        x_tr, y_tr, x_te, y_te = make_mnist1d(num_samples)
+        x_tr, x_te = _standardize(x_tr, x_te)
+        source = f"MNIST-1D ({num_samples} generated)"
+    by_class = [np.flatnonzero(y_tr == c) for c in range(pool_size)]
+    if samples_per_class is not None:
+        smallest = min(len(i) for i in by_class)
+        samples_per_class = _check_int(fn, "samples_per_class", samples_per_class, 1)
+        if samples_per_class > smallest:
+            raise ValueError(
+                f"{fn}(samples_per_class=...) must be at most {smallest} (the smallest class's "
+                f"training examples in {base}), got {samples_per_class}; pass None for all."
+            )
+    tasks = []
+    for t, group in enumerate(classes):
+        rng = np.random.default_rng([int(seed), 1, t])
+        rows = []
+        for c in group:
+            idx = by_class[c]
+            if samples_per_class is not None:
+                idx = np.sort(rng.choice(idx, size=samples_per_class, replace=False))
+            rows.append(idx)
+        tr = np.concatenate(rows)
+        te = np.isin(y_te, group)
+        tasks.append(Task(f"scole-{base}/{t}", x_tr[tr], y_tr[tr], x_te[te], y_te[te], group))
+    pool = y_te < pool_size
+    per_class = "all" if samples_per_class is None else str(samples_per_class)
+    description = (
+        f"SCoLe on {source}: {num_tasks} tasks of {classes_per_task} classes drawn from a pool of "
+        f"{pool_size}, recurrence {float(recurrence):g}, {per_class} training examples per "
+        f"class and task, seed {seed}"
+    )
+    return Stream(
+        f"scole-{base}",
+        tuple(tasks),
+        pool_size,
+        (x_tr.shape[1],),
+        ("class",),
+        description=description,
+        pool_test=(x_te[pool], y_te[pool]),
     )
 
 

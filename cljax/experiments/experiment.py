@@ -67,7 +67,8 @@ def run_experiment(
     Outputs in `out` (default ``results/<benchmark>``): ``results.json`` (every number and the
     full configuration), ``results.md`` (the tables, printed too when `verbose`),
     ``runs/<method>_seed<k>.json``, ``checkpoints/`` (after every task) and PNG plots
-    (``heatmap_<method>_<scenario>.png``, ``curves_<method>.png``, ``acc_vs_memory.png``).
+    (``heatmap_<method>_<scenario>.png``, ``curves_<method>.png``, ``acc_vs_memory.png``, and
+    ``accumulation.png`` for a stream with a pool test set such as SCoLe's).
 
     Args:
         benchmark: A registered benchmark (``cljax-experiments list``).
@@ -144,9 +145,11 @@ def run_experiment(
         if verbose:
             s = _runner.primary_scenario(stream)
             acc = result["metrics"][s]["acc"]
+            pool = result["metrics"][s].get("pool_acc")
+            pool_text = "" if pool is None else f", all-class ACC {100 * pool:.1f}%"
             print(
-                f"{name} seed {seed}: ACC ({s}-IL) {100 * acc:.1f}%, {result['wall_time_s']:.1f} s, "
-                f"{result['compilations']['xla']} XLA compilations",
+                f"{name} seed {seed}: ACC ({s}-IL) {100 * acc:.1f}%{pool_text}, "
+                f"{result['wall_time_s']:.1f} s, {result['compilations']['xla']} XLA compilations",
                 flush=True,
             )
     summary = _results.summarize_runs(runs, stream.scenarios)
@@ -160,6 +163,9 @@ def run_experiment(
             "kind": stream.kind,
             "num_classes": stream.num_classes,
             "input_shape": list(stream.input_shape),
+            **(
+                {"pool_test": int(len(stream.pool_test[1]))} if stream.pool_test is not None else {}
+            ),
             "tasks": [
                 {
                     "name": t.name,
@@ -214,8 +220,42 @@ def _write_plots(out: Path, benchmark: str, stream, runs, summary) -> None:
         _plots.plot_acc_vs_memory(
             summary, primary, out / "acc_vs_memory.png", title=f"{benchmark}: ACC vs memory"
         )
+        if any(e.get("accumulation") for e in summary.values()):
+            _plot_accumulation(
+                summary,
+                out / "accumulation.png",
+                title=f"{benchmark}: accuracy on every class of the pool (seed mean ± std)",
+            )
     except ImportError as err:
         warnings.warn(f"no plots written: {err}", stacklevel=2)
+
+
+def _plot_accumulation(summary: Mapping[str, Any], path: Path, *, title: str) -> None:
+    """The knowledge-accumulation curve of every method: pool accuracy after each task."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for name, entry in summary.items():
+        curve = entry.get("accumulation")
+        if not curve:
+            continue
+        mean = 100 * np.asarray([a["mean"] for a in curve], np.float64)
+        std = 100 * np.asarray([a["std"] for a in curve], np.float64)
+        tasks = np.arange(1, len(curve) + 1)
+        ax.plot(tasks, mean, label=name, lw=1.2)
+        ax.fill_between(tasks, mean - std, mean + std, alpha=0.2)
+    ax.set_xlabel("after task")
+    ax.set_ylabel("accuracy on all classes (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def compare(directories: Sequence[str | os.PathLike]) -> str:

@@ -72,7 +72,9 @@ def summarize_runs(
     Returns:
         ``method -> {"metrics": {scenario: {key: aggregate}}, "continual": ..., "plasticity": ...,
         "memory": {key: aggregate}, "wall_time_s": aggregate, "xla_compilations": aggregate,
-        "R_mean": {scenario: matrix}, "seeds": [...]}`` with `metrics.aggregate` entries.
+        "R_mean": {scenario: matrix}, "seeds": [...]}`` with `metrics.aggregate` entries; runs
+        on a stream with a pool test set (SCoLe, EX-12) add ``"accumulation"``: one aggregate of
+        the pool accuracy per task end (the knowledge-accumulation curve).
 
     Example:
         >>> from cljax.experiments.results import summarize_runs
@@ -114,6 +116,11 @@ def summarize_runs(
         entry["memory"] = {
             k: _metrics.aggregate(_values(by_seed, "memory", k)) for k in sorted(keys)
         }
+        curves = [
+            r["accumulation"]["task_end_acc"] for r in by_seed.values() if r.get("accumulation")
+        ]
+        if curves and all(len(c) == len(curves[0]) for c in curves):
+            entry["accumulation"] = [_metrics.aggregate(list(v)) for v in zip(*curves, strict=True)]
         entry["wall_time_s"] = _metrics.aggregate(_values(by_seed, "wall_time_s"))
         entry["xla_compilations"] = _metrics.aggregate(_values(by_seed, "compilations", "xla"))
         summary[method] = entry
@@ -153,7 +160,8 @@ def markdown_tables(
     summary: Mapping[str, Any], scenarios: Sequence[str], *, title: str = ""
 ) -> str:
     """Markdown tables of a `summarize_runs` summary: one main table per scenario, then the
-    continual-evaluation and plasticity tables. Accuracies in percent, mean ± std over seeds.
+    continual-evaluation, knowledge-accumulation (only for runs that measured it: SCoLe, EX-12)
+    and plasticity tables. Accuracies in percent, mean ± std over seeds.
 
     Example:
         >>> from cljax.experiments.results import markdown_tables, summarize_runs
@@ -199,6 +207,8 @@ def markdown_tables(
             "",
             _table(header, rows),
         ]
+    if any(e.get("accumulation") for e in summary.values()):
+        parts += ["", _ACCUMULATION_TITLE, "", _accumulation_table(summary, scenarios)]
     header = ["method", *(t for _, t, _ in _PLASTICITY)]
     rows = [
         [m, *(_cell(e["plasticity"].get(k), p) for k, _, p in _PLASTICITY)]
@@ -206,6 +216,31 @@ def markdown_tables(
     ]
     parts += ["", "## Plasticity (at the last task end)", "", _table(header, rows)]
     return "\n".join(parts).strip() + "\n"
+
+
+_ACCUMULATION_TITLE = "## Knowledge accumulation (class-IL accuracy on every class of the pool)"
+
+
+def _accumulation_table(summary: Mapping[str, Any], scenarios: Sequence[str]) -> str:
+    """Final and mean pool accuracy, and the curve after a quarter, half, ... of the tasks."""
+    s = "class" if "class" in scenarios else scenarios[0]
+    lengths = [len(e["accumulation"]) for e in summary.values() if e.get("accumulation")]
+    T = max(lengths)
+    points = sorted({max(1, round(T * q)) for q in (0.25, 0.5, 0.75)})
+    header = ["method", "final", "mean over task ends", *(f"after task {k}" for k in points)]
+    rows = []
+    for method, e in summary.items():
+        m = e["metrics"].get(s, {})
+        curve = e.get("accumulation") or []
+        rows.append(
+            [
+                method,
+                _cell(m.get("pool_acc"), True),
+                _cell(m.get("pool_acc_mean"), True),
+                *(_cell(curve[k - 1] if k <= len(curve) else None, True) for k in points),
+            ]
+        )
+    return _table(header, rows)
 
 
 def _json_ready(value: Any) -> Any:

@@ -361,6 +361,17 @@ def _stack_tests(stream: Stream, limit: int | None, devices: int):
     return x, y, mask, classes
 
 
+def _stack_pool(stream: Stream, devices: int):
+    """The pool's test set as one padded task ``(1, N, ...)``, every output allowed."""
+    x_pool, y_pool = stream.pool_test
+    n = devices * math.ceil(len(x_pool) / devices)
+    x = np.zeros((1, n, *x_pool.shape[1:]), x_pool.dtype)
+    y = np.zeros((1, n, *y_pool.shape[1:]), y_pool.dtype)
+    mask = np.zeros((1, n), bool)
+    x[0, : len(x_pool)], y[0, : len(y_pool)], mask[0, : len(x_pool)] = x_pool, y_pool, True
+    return x, y, mask, np.ones((1, stream.num_classes), bool)
+
+
 def _task_data(stream: Stream, t: int, policy: str) -> tuple[np.ndarray, np.ndarray]:
     if policy == "cumulative":
         tasks = stream.tasks[: t + 1]
@@ -500,7 +511,12 @@ def run(
         `metrics.continual_metrics` of the periodic log), ``log``, ``train_loss``, ``plasticity``
         (per task end) and ``plasticity_summary``, ``memory`` (`memory.memory_account`),
         ``compute``, ``compilations`` (trace counts and XLA compilations per task),
-        ``wall_time_s``, ``complete``.
+        ``wall_time_s``, ``complete``. A stream with a ``pool_test`` set (`data.scole`) adds
+        ``accumulation``: the accuracy and loss on that set (argmax over every output) at every
+        evaluation point (``step``, ``task``, ``acc``, ``loss``; the random-init model first),
+        ``task_end_acc`` (one per task end) and ``task_classes``; its primary scenario's
+        ``metrics`` gain ``pool_acc`` (at the last task end) and ``pool_acc_mean`` (mean over
+        task ends).
 
     Raises:
         ValueError: for a resume whose checkpoint was made with other settings, or too few
@@ -614,6 +630,25 @@ def _run(config, spec, stream, T, hp, counters, checkpoint_dir, resume, stop_aft
     ]
     classes = jax.device_put(full_host[3], repl)
     full_mask_host = full_host[2]
+    pool = None
+    if stream.pool_test is not None:  # knowledge accumulation (EX-12): one more evaluation set
+        pool_host = _stack_pool(stream, config.devices)
+        pool = [jax.device_put(a, batch_sharding) for a in pool_host[:3]]
+        pool.append(jax.device_put(pool_host[3], repl))
+
+    def log_pool(s: TrainState, step: int, task: int) -> float | None:
+        """Accuracy on the pool's test set, logged; None (and no work) without a pool."""
+        if pool is None:
+            return None
+        params = spec.eval_params(s, hp) if spec.eval_params is not None else s.params
+        out = jax.device_get(compiled.evaluate(params, *pool, None))
+        acc = float(out["acc"][0])
+        a = record["accumulation"]
+        a["step"].append(int(step))
+        a["task"].append(int(task))
+        a["acc"].append(acc)
+        a["loss"].append(float(out["loss"][0]))
+        return acc
 
     task0 = stream.tasks[0]
     x_ex, y_ex = task0.x_train[0], task0.y_train[0]
@@ -654,6 +689,15 @@ def _run(config, spec, stream, T, hp, counters, checkpoint_dir, resume, stop_aft
         "wall_time_s": 0.0,
         "steps": 0,
     }
+    if pool is not None:
+        record["accumulation"] = {
+            "step": [],
+            "task": [],
+            "acc": [],
+            "loss": [],
+            "task_end_acc": [],
+            "task_classes": [list(task.classes) for task in stream.tasks],
+        }
     start_task = 0
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     prev_correct = None
@@ -681,6 +725,7 @@ def _run(config, spec, stream, T, hp, counters, checkpoint_dir, resume, stop_aft
         record["baseline_loss"] = np.asarray(out0["loss"]).tolist()
         log0 = jax.device_get(evaluate(state, *sub, classes))
         _log_eval(record, 0, -1, scenario_accs(log0), log0["loss"])
+        log_pool(state, 0, -1)
         prev_correct = np.asarray(out0["correct"])
 
     end = T if stop_after is None else min(T, stop_after)
@@ -729,6 +774,7 @@ def _run(config, spec, stream, T, hp, counters, checkpoint_dir, resume, stop_aft
                 if c < num_chunks - 1:
                     out = jax.device_get(evaluate(state, *sub, classes))
                     live = _log_eval(record, done, t, scenario_accs(out), out["loss"])
+                    log_pool(state, done, t)
                 if bar is not None:
                     bar.update(int(valid.sum()))
                     post = {"task": f"{t + 1}/{T}", "loss": f"{chunk_loss:.3f}"}
@@ -745,6 +791,9 @@ def _run(config, spec, stream, T, hp, counters, checkpoint_dir, resume, stop_aft
             record["loss_matrix"].append(np.asarray(out["loss"]).tolist())
             log = jax.device_get(evaluate(state, *sub, classes))
             _log_eval(record, step0 + steps, t, scenario_accs(log), log["loss"])
+            pool_acc = log_pool(state, step0 + steps, t)
+            if pool_acc is not None:
+                record["accumulation"]["task_end_acc"].append(pool_acc)
             correct = np.asarray(out["correct"])  # argmax over all outputs: class- or domain-IL
             if t > 0:
                 m = full_mask_host[:t]
@@ -815,6 +864,11 @@ def _result(
             metrics[s] = m
             accs = np.asarray(record["log"]["acc"][s], np.float64)
             continual[s] = _metrics.continual_metrics(steps, accs, record["task_ends"])
+        if "accumulation" in record:  # class-IL accuracy on every class of the pool (EX-12)
+            curve = record["accumulation"]["task_end_acc"]
+            m = metrics[primary_scenario(stream)]
+            m["pool_acc"] = float(curve[-1])
+            m["pool_acc_mean"] = float(np.mean(curve))
         p = record["plasticity"]
         tenth = max(1, len(p["new_task_acc"]) // 10)
         out["plasticity_summary"] = {
