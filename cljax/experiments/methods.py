@@ -1278,7 +1278,7 @@ def _build_methods() -> dict[str, Method]:
     m["lora"] = Method(
         "Incremental LoRA: the first task trains every weight, then a new rank-4 adapter per task, merged after it (cljax.merged_lora).",
         _lora_optimizer,
-        defaults={"rank": 4, "alpha": None, "others": "train", "dense_tasks": 1},
+        defaults={"rank": 4, "alpha": 4.0, "others": "train", "dense_tasks": 1},
         on_task_start=_lora_start,
         references=(
             'Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022; '
