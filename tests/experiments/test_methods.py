@@ -861,11 +861,11 @@ def _lora_task_deltas(dense_tasks, tasks=2, rank=2):
 
 def test_lora_changes_each_kernel_by_at_most_rank_r_per_task_and_restarts_its_adapter():
     deltas, state = _lora_task_deltas(dense_tasks=0)
-    assert all(r <= 2 for task in deltas for r in task)  # one rank-2 adapter per task, merged
+    assert all(r == 2 for task in deltas for r in task)  # one rank-2 adapter per task, merged
     assert int(cljax.find_state(state.opt_state, cljax.MergedLoraState).resets) == 1
     # The default: the first task trains every weight ("pre-training"), then adapters.
     deltas, state = _lora_task_deltas(dense_tasks=1, tasks=3)
-    assert min(deltas[0]) > 2 and all(r <= 2 for task in deltas[1:] for r in task)
+    assert min(deltas[0]) > 2 and all(r == 2 for task in deltas[1:] for r in task)
     assert int(cljax.find_state(state.opt_state, cljax.MergedLoraState).resets) == 2
     with pytest.raises(ValueError, match="'rank' must be an int >= 1"):
         Me.METHODS["lora"].optimizer(_hp("lora", **{"rank": 0}))
