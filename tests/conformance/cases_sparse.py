@@ -85,6 +85,20 @@ CASES: dict[str, Case] = {
         static_args=("layers", "num_active", "interval", "seed"),
         leafwise=False,
     ),
+    # SP-04 LISA over a list of layer subtrees: the suite's tree holds no such list (no "blocks"
+    # node), so every leaf is always on; tests/transforms/sparse/test_lisa_groups.py covers layers.
+    "lisa/layer_list": Case(
+        cljax.lisa,
+        {
+            "inner": optax.adam(1e-2),
+            "layer_list": "blocks",
+            "num_active": 1,
+            "interval": 2,
+            "seed": 2,
+        },
+        static_args=("layer_list", "num_active", "interval", "seed"),
+        leafwise=False,
+    ),
     # SP-05 gradual magnitude pruning (cubic schedule, mask updates every 2 steps).
     "magnitude_pruning": Case(
         cljax.magnitude_pruning,

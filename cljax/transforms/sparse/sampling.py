@@ -2,8 +2,8 @@
 
 * `hft` — half fine-tuning: a random half of each group of leaves trains per stage;
   `hft_half_reset` resets a random half of a fine-tuned model to its base.
-* `lisa` — layerwise importance sampling over stacked layers, with inner state sized for the
-  sampled layers only.
+* `lisa` — layerwise importance sampling over stacked layers or a list of identically structured
+  layer subtrees, with inner state sized for the sampled layers only.
 
 Draws are exact-count uniform subsets: the smallest of i.i.d. uniform values from a PRNG key kept
 in state (ties to the earlier index), redrawn behind `lax.cond` on the step count.
@@ -11,6 +11,7 @@ in state (ties to the earlier index), redrawn behind `lax.cond` on the step coun
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import chex
@@ -248,27 +249,224 @@ class LisaState(NamedTuple):
     inner_state: Any  # state for the always-on leaves and (num_active, ...) layer slices
 
 
+class _Plan(NamedTuple):
+    """How one tree splits into always-on leaves and layers (built at trace time)."""
+
+    n_layers: int | None  # None: no layer leaves in this tree
+    gather: Callable[[jax.Array], Any]  # active -> the inner tree, layers as (num_active, ...)
+    scatter: Callable[[Any, jax.Array], Any]  # (inner directions, active) -> full-size updates
+    flags: Any  # bool tree over the inner tree: True for layer slices
+
+
+def _stacked_plan(fn: str, layers: Any, tree: Any) -> _Plan:
+    """Layers as the leading axis of the leaves `layers` selects."""
+    flags = _common.bool_tree(fn, "layers", layers, tree)
+    sizes = {}
+    for (path, p), f in zip(
+        jax.tree_util.tree_flatten_with_path(tree, is_leaf=_common.is_none)[0],
+        jax.tree.leaves(flags, is_leaf=_common.is_none),
+        strict=True,
+    ):
+        if p is None or not f:
+            continue
+        if jnp.ndim(p) == 0:
+            raise ValueError(
+                f"{fn}: leaf '{_common.path_name(path) or '<root>'}' is a scalar; layer leaves need a leading layer axis."
+            )
+        sizes[_common.path_name(path)] = jnp.shape(p)[0]
+    if len(set(sizes.values())) > 1:
+        raise ValueError(
+            f"{fn}: layer leaves must share their leading (layer) axis; got sizes {sizes}."
+        )
+
+    def gather(active):
+        return jax.tree.map(
+            lambda x, f: x if x is None or not f else jnp.take(x, active, axis=0),
+            tree,
+            flags,
+            is_leaf=_common.is_none,
+        )
+
+    def scatter(directions, active):
+        return jax.tree.map(
+            lambda u, g, f: (
+                u if u is None or not f else jnp.zeros_like(g).at[active].set(u.astype(g.dtype))
+            ),
+            directions,
+            tree,
+            flags,
+            is_leaf=_common.is_none,
+        )
+
+    return _Plan(next(iter(sizes.values()), None), gather, scatter, flags)
+
+
+def _children(node: Any) -> tuple[list, list, Any] | None:
+    """``(keys, children, treedef)`` one level below `node`; None when `node` is a leaf."""
+    if node is None:
+        return None
+    flat, treedef = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
+    if treedef.num_nodes == 1 and treedef.num_leaves == 1:  # an array (or other leaf)
+        return None
+    return [path[0] for path, _ in flat], [child for _, child in flat], treedef
+
+
+def _find_node(tree: Any, where: str) -> tuple[bool, Any]:
+    """``(True, node)`` for the node of `tree` whose path string is `where`, else ``(False, None)``."""
+    if where == "":
+        return True, tree
+    stack = [((), tree)]
+    while stack:
+        path, node = stack.pop()
+        below = _children(node)
+        if below is None:
+            continue
+        for key, child in zip(below[0], below[1], strict=True):
+            name = _common.path_name((*path, key))
+            if name == where:
+                return True, child
+            if where.startswith(name + "/"):
+                stack.append(((*path, key), child))
+    return False, None
+
+
+def _pick(xs: list[jax.Array], i: jax.Array) -> jax.Array:
+    """``xs[i]`` for a traced index: a chain of selects (measured faster than stacking all
+    ``N_L`` layers and gathering, and than `lax.switch`)."""
+    out = xs[0]
+    for j in range(1, len(xs)):
+        out = jnp.where(i == j, xs[j], out)
+    return out
+
+
+def _list_plan(fn: str, where: str, tree: Any) -> _Plan:
+    """Layers as the children of the node at path `where` (a list / tuple / dict of layers)."""
+    found, node = _find_node(tree, where)
+    below = _children(node) if found else None
+    if not found or (below is not None and not below[1]):  # absent, or empty / fully masked
+        return _Plan(
+            None,
+            lambda active: tree,
+            lambda directions, active: directions,
+            jax.tree.map(lambda _: False, tree),
+        )
+    if below is None:
+        raise ValueError(
+            f"{fn}(layer_list={where!r}) names a leaf of shape {jnp.shape(node)}; name a list, "
+            "tuple or dict whose children are the layers (stacked `(N_L, ...)` leaves go to `layers`)."
+        )
+    keys, children, container = below
+    outer_leaves, outer = jax.tree.flatten(tree, is_leaf=lambda x: x is node)
+    positions = [i for i, x in enumerate(outer_leaves) if x is node]
+    if len(positions) != 1:
+        raise ValueError(
+            f"{fn}(layer_list={where!r}): the node occurs {len(positions)} times in the tree; "
+            "give it once."
+        )
+    position = positions[0]
+    names = [(where + "/" if where else "") + _common.path_name((k,)) for k in keys]
+    first = jax.tree_util.tree_flatten_with_path(children[0])
+    rel = [_common.path_name(p) for p, _ in first[0]]
+    for name, child in zip(names[1:], children[1:], strict=True):
+        flat, layer_def = jax.tree_util.tree_flatten_with_path(child)
+        if layer_def != first[1]:
+            raise ValueError(
+                f"{fn}: layer '{name}' has leaves {[_common.path_name(p) for p, _ in flat]} but "
+                f"layer '{names[0]}' has {rel}; the children of `layer_list` must be identically "
+                "structured layers."
+            )
+        for (path, leaf), (_, leaf0) in zip(flat, first[0], strict=True):
+            if jnp.shape(leaf) != jnp.shape(leaf0) or jnp.result_type(leaf) != jnp.result_type(
+                leaf0
+            ):
+                suffix = "/" + _common.path_name(path) if path else ""
+                raise ValueError(
+                    f"{fn}: leaf '{name}{suffix}' has shape {jnp.shape(leaf)} and dtype "
+                    f"{jnp.result_type(leaf)} but '{names[0]}{suffix}' has {jnp.shape(leaf0)} and "
+                    f"{jnp.result_type(leaf0)}; the layers of `layer_list` must match leaf by leaf."
+                )
+    layer_def = first[1]
+    roles = [jax.tree.leaves(child) for child in children]  # roles[i][r]: leaf r of layer i
+    n_roles = layer_def.num_leaves
+
+    def inner_tree(role_tree):
+        leaves = list(outer_leaves)
+        leaves[position] = role_tree
+        return outer.unflatten(leaves)
+
+    def gather(active):
+        slices = [
+            jnp.stack(
+                [_pick([layer[r] for layer in roles], active[s]) for s in range(active.shape[0])]
+            )
+            for r in range(n_roles)
+        ]
+        return inner_tree(layer_def.unflatten(slices))
+
+    def scatter(directions, active):
+        out = outer.flatten_up_to(directions)
+        slices = layer_def.flatten_up_to(out[position])
+        layers = []
+        for i, layer in enumerate(roles):
+            hit = active == i
+            slot = jnp.argmax(hit)
+            layers.append(
+                layer_def.unflatten(
+                    [
+                        jnp.where(
+                            jnp.any(hit),
+                            lax.dynamic_index_in_dim(u, slot, keepdims=False).astype(g.dtype),
+                            jnp.zeros_like(g),
+                        )
+                        for u, g in zip(slices, layer, strict=True)
+                    ]
+                )
+            )
+        out[position] = container.unflatten(layers)
+        return outer.unflatten(out)
+
+    flags = outer.unflatten(
+        [
+            layer_def.unflatten([True] * n_roles) if i == position else False
+            for i in range(len(outer_leaves))
+        ]
+    )
+    return _Plan(len(children), gather, scatter, flags)
+
+
 def lisa(
     inner: optax.GradientTransformation,
     *,
-    layers: Any,
+    layers: Any = None,
+    layer_list: str | None = None,
     num_active: int = 2,
     interval: int = 20,
     seed: int | jax.Array = 0,
 ) -> optax.GradientTransformationExtraArgs:
-    """LISA: trains a random few of the stacked layers per period, plus every other leaf.
+    """LISA: trains a random few of the layers per period, plus every other leaf.
 
-    `layers` picks the stacked-layer leaves, all with the same leading layer axis ``N_L``
-    (a scanned Flax block, ``(N_L, ...)``). Every `interval` steps (`lax.cond` on the count)
-    ``num_active`` layer indices are drawn uniformly without replacement from a PRNG key in
-    state. Each step gathers those layers' slices, runs `inner` on the ``(num_active, ...)``
-    slices and the other (always-on: embeddings, head, norms) leaves, and scatters the
-    updates back; unselected layers get ``u = 0``. The inner state is sized for the slices
-    (the memory saving), and a slot's state is zeroed when its layer changes.
+    The layers are given one of two ways. `layers` picks stacked-layer leaves, all with the
+    same leading layer axis ``N_L`` (a scanned Flax block, ``(N_L, ...)``). `layer_list`
+    names a list, tuple or dict node whose ``N_L`` children are identically structured layers
+    (``params["blocks"][0]``, ``params["blocks"][1]``, ...; an NNX ``nnx.List`` of blocks).
+    Every `interval` steps (`lax.cond` on the count) ``num_active`` layer indices are drawn
+    uniformly without replacement from a PRNG key in state. Each step gathers those layers
+    into ``(num_active, ...)`` slices (one per leaf of a layer), runs `inner` on the slices
+    and the other (always-on: embeddings, head, norms) leaves, and scatters the updates back;
+    unselected layers get ``u = 0``. The inner state is sized for the slices (the memory
+    saving), and a slot's state is zeroed when its layer changes. With `layer_list` the inner
+    tree holds the slices where the layer node was (``blocks/wq/kernel`` of shape
+    ``(num_active, ...)``), so the inner state is the one `lisa` with `layers` keeps for the
+    stacked copy of the same model.
 
     Args:
         inner: Any optax transformation; wrap the whole optimizer (decay included).
         layers: A bool tree or a function of the params: the stacked-layer leaves. Static.
+        layer_list: The path of the node holding the layers, keys joined by ``/`` as in
+            `cljax.select` (``"blocks"``, ``"model/layers"``; ``""`` for a params tree that
+            is itself the list). A tree without that node, or where it is empty (masked out by
+            `optax.masked`), has no layers: every leaf trains. Static. Give `layers` or
+            `layer_list`, not both.
         num_active: Layers trained per period (``gamma``), ``1 <= num_active <= N_L``. Static.
         interval: Steps per period (``K``). Static.
         seed: An int or a PRNG key. Static.
@@ -277,12 +475,18 @@ def lisa(
         A transform whose state is `LisaState`.
 
     Raises:
-        ValueError: layer leaves with different leading sizes or no leading axis;
-            ``num_active > N_L``.
+        ValueError: both or neither of `layers` and `layer_list`; layer leaves with different
+            leading sizes or no leading axis; `layer_list` naming a leaf, or layers that differ
+            in structure, leaf shapes or dtypes; ``num_active > N_L``.
+        TypeError: `layer_list` that is not a path string.
 
     Example:
         >>> params = {"embed": jnp.ones((8, 4)), "blocks": {"w": jnp.ones((6, 4, 4))}}
         >>> tx = cljax.lisa(optax.adam(1e-3), layers=cljax.select("blocks"), num_active=2)
+        >>> cljax.find_state(tx.init(params), optax.ScaleByAdamState).mu["blocks"]["w"].shape
+        (2, 4, 4)
+        >>> params = {"embed": jnp.ones((8, 4)), "blocks": [{"w": jnp.ones((4, 4))}] * 6}
+        >>> tx = cljax.lisa(optax.adam(1e-3), layer_list="blocks", num_active=2)
         >>> cljax.find_state(tx.init(params), optax.ScaleByAdamState).mu["blocks"]["w"].shape
         (2, 4, 4)
 
@@ -292,37 +496,31 @@ def lisa(
     """
     fn = "lisa"
     _checks.check_transform(fn, "inner", inner)
+    if (layers is None) == (layer_list is None):
+        raise ValueError(
+            f"{fn}: give exactly one of `layers` (stacked (N_L, ...) leaves) and `layer_list` "
+            "(the path of a list of layer subtrees)."
+        )
+    if layer_list is not None and not isinstance(layer_list, str):
+        raise TypeError(
+            f"{fn}(layer_list=...) must be a path string such as 'blocks', got "
+            f"{type(layer_list).__name__}."
+        )
     _checks.check_int(fn, "num_active", num_active, 1)
     _checks.check_int(fn, "interval", interval, 1)
     key0 = _key_data(seed)
     inner = optax.with_extra_args_support(inner)
 
-    def layer_info(params):
-        """(flag tree, N_L or None)."""
-        flags = _common.bool_tree(fn, "layers", layers, params)
-        sizes = {}
-        for (path, p), f in zip(
-            jax.tree_util.tree_flatten_with_path(params, is_leaf=_common.is_none)[0],
-            jax.tree.leaves(flags, is_leaf=_common.is_none),
-            strict=True,
-        ):
-            if p is None or not f:
-                continue
-            if jnp.ndim(p) == 0:
-                raise ValueError(
-                    f"{fn}: leaf '{_common.path_name(path) or '<root>'}' is a scalar; layer leaves need a leading layer axis."
-                )
-            sizes[_common.path_name(path)] = jnp.shape(p)[0]
-        if len(set(sizes.values())) > 1:
+    def plan_of(tree):
+        if layer_list is None:
+            plan = _stacked_plan(fn, layers, tree)
+        else:
+            plan = _list_plan(fn, layer_list, tree)
+        if plan.n_layers is not None and num_active > plan.n_layers:
             raise ValueError(
-                f"{fn}: layer leaves must share their leading (layer) axis; got sizes {sizes}."
+                f"{fn}(num_active={num_active}) must be <= the number of layers {plan.n_layers}."
             )
-        n_layers = next(iter(sizes.values()), None)
-        if n_layers is not None and num_active > n_layers:
-            raise ValueError(
-                f"{fn}(num_active={num_active}) must be <= the number of layers {n_layers}."
-            )
-        return flags, n_layers
+        return plan
 
     def draw(key_data, n_layers):
         """`num_active` distinct layers, uniformly, in increasing order."""
@@ -332,37 +530,29 @@ def lisa(
         chosen = _ranks(draws, jnp.ones((n_layers, n_layers), jnp.bool_)) < num_active
         return jnp.nonzero(chosen, size=num_active)[0].astype(jnp.int32)
 
-    def gather(tree, flags, active):
-        return jax.tree.map(
-            lambda x, f: x if x is None or not f else jnp.take(x, active, axis=0),
-            tree,
-            flags,
-            is_leaf=_common.is_none,
-        )
-
     def init_fn(params):
-        flags, n_layers = layer_info(params)
-        active = draw(key0, n_layers)
+        plan = plan_of(params)
+        active = draw(key0, plan.n_layers)
         return LisaState(
             count=jnp.zeros([], jnp.int32),
             key=key0,
             active=active,
-            inner_state=inner.init(gather(params, flags, active)),
+            inner_state=inner.init(plan.gather(active)),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
-        flags, n_layers = layer_info(updates)
+        plan = plan_of(updates)
         key, active, inner_state = state.key, state.active, state.inner_state
-        if n_layers is not None and n_layers > num_active:
-            flag_of = _common.by_path(flags, fn, "layers")
+        if plan.n_layers is not None and plan.n_layers > num_active:
+            flag_of = _common.by_path(plan.flags, fn, "layers")
 
             def redraw(_):
                 new_key = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(key))[0])
-                new_active = draw(new_key, n_layers)
+                new_active = draw(new_key, plan.n_layers)
                 moved = new_active != active
-                sliced = gather(updates, flags, new_active)
                 table = _common.tie_table(
-                    sliced, lambda path, g: moved if flag_of[_common.path_name(path)] else None
+                    plan.gather(new_active),
+                    lambda path, g: moved if flag_of[_common.path_name(path)] else None,
                 )
 
                 def reset(leaf, slots):
@@ -376,20 +566,11 @@ def lisa(
             key, active, inner_state = lax.cond(
                 due, redraw, lambda _: (key, active, inner_state), None
             )
-        sliced_params = None if params is None else gather(params, flags, active)
+        sliced_params = None if params is None else plan_of(params).gather(active)
         directions, inner_state = inner.update(
-            gather(updates, flags, active), inner_state, sliced_params, **extra_args
+            plan.gather(active), inner_state, sliced_params, **extra_args
         )
-        out = jax.tree.map(
-            lambda u, g, f: (
-                u if u is None or not f else jnp.zeros_like(g).at[active].set(u.astype(g.dtype))
-            ),
-            directions,
-            updates,
-            flags,
-            is_leaf=_common.is_none,
-        )
-        return out, LisaState(
+        return plan.scatter(directions, active), LisaState(
             count=optax.safe_increment(state.count), key=key, active=active, inner_state=inner_state
         )
 
