@@ -69,6 +69,17 @@ def _char_lm(num_tasks: int | None) -> Stream:
     return _data.char_lm(domains[:num_tasks] if num_tasks else domains)
 
 
+def _char_lm_cpt(num_tasks: int | None) -> Stream:
+    domains = _data.CHAR_DOMAINS[:3]
+    if num_tasks is not None and not 1 <= num_tasks <= len(domains):
+        raise ValueError(
+            f"char-lm-cpt has {len(domains)} text domains; `num_tasks` must be 1 to {len(domains)}, got {num_tasks}."
+        )
+    return _data.char_lm(
+        domains[:num_tasks] if num_tasks else domains, context=32, max_chars=30_000
+    )
+
+
 def _scole(base: str, default_tasks: int, **fixed: Any) -> Callable[[int | None], Stream]:
     def build(num_tasks: int | None) -> Stream:
         return _data.scole(num_tasks or default_tasks, base=base, **fixed)
@@ -141,6 +152,18 @@ def _build() -> dict[str, Benchmark]:
         eval_every=50,
         learning_rate=3e-3,
         eval_subsample=32,
+    )
+    b["char-lm-cpt"] = Benchmark(
+        "char-lm reduced for the continual pre-training protocol (EX-21): 3 domains, 32-character "
+        "windows, a smaller tiny LLaMA; compare schedules and replay in minutes on a CPU",
+        _char_lm_cpt,
+        "tiny_llama",
+        {"dim": 32, "depth": 2, "heads": 2},
+        steps_per_task=150,
+        eval_every=25,
+        learning_rate=3e-3,
+        eval_subsample=32,
+        probe_size=64,
     )
     b["online-split-digits"] = Benchmark(
         "Split-Digits online: one pass, batch 10, evaluation every 5 steps (EX-04 protocol)",

@@ -4,6 +4,9 @@
     cljax-experiments run split-digits --methods naive,replay --seeds 0,1,2 --out results/split-digits
     cljax-experiments run split-digits --methods naive --devices 8 --resume
     cljax-experiments compare results/split-digits results/permuted-digits
+    cljax-experiments run char-lm-cpt --methods naive,replay --set schedule=rewarm_cosine \
+        --set warmup_steps=15 --set replay.replay_fraction=0.25 --out results/cpt-rewarm
+    cljax-experiments compare --losses results/cpt-constant results/cpt-rewarm
 
 Bad arguments (an unknown benchmark or method, a malformed ``--set``) exit with status 2 and a
 message naming the valid choices.
@@ -105,12 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="hyper-parameter override, e.g. learning_rate=3e-3 or replay.buffer_size=500 (repeatable)",
+        help="hyper-parameter override, e.g. learning_rate=3e-3 or replay.buffer_size=500, or a "
+        "run setting: schedule=constant|cosine|rewarm_cosine, warmup_steps=N, min_lr_ratio=R "
+        "(repeatable)",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--no-plots", action="store_true", help="no PNG plots")
     compare = sub.add_parser("compare", help="one table across experiment directories")
     compare.add_argument("directories", nargs="+")
+    compare.add_argument(
+        "--losses",
+        action="store_true",
+        help="upstream / downstream loss of continual pre-training instead of accuracy (EX-21)",
+    )
     return parser
 
 
@@ -156,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from cljax.experiments.experiment import compare
 
         try:
-            print(compare(args.directories))
+            print(compare(args.directories, losses=args.losses))
         except FileNotFoundError as err:
             parser.error(str(err))
         return 0

@@ -258,10 +258,16 @@ def _plot_accumulation(summary: Mapping[str, Any], path: Path, *, title: str) ->
     plt.close(fig)
 
 
-def compare(directories: Sequence[str | os.PathLike]) -> str:
+def compare(directories: Sequence[str | os.PathLike], *, losses: bool = False) -> str:
     """One Markdown table across experiment directories (``cljax-experiments compare``).
+
+    Args:
+        directories: Experiment directories (each with a ``results.json``).
+        losses: The upstream / downstream loss table of continual pre-training
+            (`results.loss_table`, ``--losses``) instead of the accuracy table.
 
     Raises:
         FileNotFoundError: when a directory holds no ``results.json``.
     """
-    return _results.compare_table([(str(d), _results.load_results(d)) for d in directories])
+    experiments = [(str(d), _results.load_results(d)) for d in directories]
+    return _results.loss_table(experiments) if losses else _results.compare_table(experiments)

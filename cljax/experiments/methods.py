@@ -37,6 +37,7 @@ from cljax.experiments.data import Task
 
 __all__ = [
     "METHODS",
+    "RUN_SETTINGS",
     "Method",
     "ModelFunctions",
     "StepContext",
@@ -212,6 +213,10 @@ class TaskContext(NamedTuple):
         return jax.tree.map(lambda t: t / (batch_size * num_batches), total)
 
 
+RUN_SETTINGS = ("schedule", "warmup_steps", "min_lr_ratio")
+"""Run-level settings given like hyper-parameters (``--set schedule=rewarm_cosine``): the
+learning-rate schedule of every method of the run (`runner.learning_rate_schedule`)."""
+
 DataPolicy = Literal["task", "cumulative"]
 BufferPolicy = Literal["none", "reservoir", "per_task"]
 
@@ -244,6 +249,9 @@ class Method:
             (no task identity at test time). Jittable. Default None: one model for everything.
         cl_state_types: Sub-state types of the optimizer state counted as CL memory.
         references: Paper(s).
+        schedule_conflict: ``hp -> str | None``: why the method cannot take a learning-rate
+            schedule in place of ``hp['learning_rate']`` under `hp` (e.g. it does arithmetic
+            with the float), or None when it can. Default None: it can.
     """
 
     summary: str
@@ -262,6 +270,7 @@ class Method:
     task_eval_params: Callable[[TrainState, Mapping[str, Any]], Any] | None = None
     cl_state_types: tuple[type, ...] = ()
     references: str = ""
+    schedule_conflict: Callable[[Mapping[str, Any]], str | None] | None = None
 
     def __post_init__(self):
         if self.data not in ("task", "cumulative"):
@@ -283,6 +292,20 @@ class Method:
 
 def _adam(hp: Mapping[str, Any]) -> optax.GradientTransformation:
     return optax.adam(hp["learning_rate"])
+
+
+def _replay_optimizer(hp: Mapping[str, Any]) -> optax.GradientTransformation:
+    fraction = hp["replay_fraction"]
+    if fraction is not None and (
+        isinstance(fraction, bool)
+        or not isinstance(fraction, (int, float, np.integer, np.floating))
+        or not 0.0 <= float(fraction) <= 1.0
+    ):
+        raise ValueError(
+            "method 'replay': hyper-parameter 'replay_fraction' must be None (a separate replay "
+            f"batch) or a number in [0, 1], got {fraction!r}."
+        )
+    return _adam(hp)
 
 
 def _magmax_init(params, hp):
@@ -1003,9 +1026,10 @@ def _build_methods() -> dict[str, Method]:
         references="-",
     )
     m["replay"] = Method(
-        "Experience replay: each step adds a batch from a reservoir buffer to the loss (ER).",
-        _adam,
-        defaults={"buffer_size": 200, "replay_batch_size": 0},
+        "Experience replay: each step adds a batch from a reservoir buffer to the loss (ER); "
+        "with replay_fraction, that share of each batch is replaced by earlier tasks' examples.",
+        _replay_optimizer,
+        defaults={"buffer_size": 200, "replay_batch_size": 0, "replay_fraction": None},
         replay=True,
         buffer="reservoir",
         references='Chaudhry et al., "On Tiny Episodic Memories in Continual Learning", 2019',
@@ -1205,6 +1229,11 @@ def _build_methods() -> dict[str, Method]:
         defaults={"buffer_size": 200, "margin": 0.5, "ridge": 1e-3, "where": "gradient"},
         buffer="per_task",
         step_extras=lambda ctx: {"task_grads": ctx.task_grads()[0], "num_tasks": ctx.task_id},
+        schedule_conflict=lambda hp: (
+            "with where='update' its QP margin is margin x learning_rate, a fixed number"
+            if hp["where"] == "update"
+            else None
+        ),
         references=(
             'Lopez-Paz and Ranzato, "Gradient Episodic Memory for Continual Learning", NeurIPS 2017'
         ),
@@ -1369,7 +1398,7 @@ def resolve_hparams(
 
 
 def check_overrides(methods: Mapping[str, Method], overrides: Mapping[str, Any]) -> None:
-    """Rejects overrides that no selected method can use.
+    """Rejects overrides that no selected method can use (the `RUN_SETTINGS` are always valid).
 
     Raises:
         ValueError: for a scoped key whose method is not selected, or a plain key that no selected
@@ -1388,7 +1417,7 @@ def check_overrides(methods: Mapping[str, Method], overrides: Mapping[str, Any])
                     f"the methods run ({', '.join(methods)})."
                 )
             continue
-        known = {"learning_rate"}.union(*(m.defaults for m in methods.values()))
+        known = {"learning_rate", *RUN_SETTINGS}.union(*(m.defaults for m in methods.values()))
         if field not in known:
             raise ValueError(
                 f"hyper-parameter override {key!r}: no selected method has {field!r}; known: "

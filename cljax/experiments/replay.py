@@ -25,6 +25,7 @@ __all__ = [
     "ReplayBuffer",
     "buffer_add",
     "buffer_init",
+    "buffer_mix",
     "buffer_sample",
     "buffer_task_weights",
     "per_task_slots",
@@ -234,6 +235,62 @@ def buffer_sample(
     idx = jax.random.categorical(key, logits, shape=(size,))
     idx = jnp.where(jnp.any(filled), idx, 0)
     return buffer.x[idx], buffer.y[idx], filled[idx].astype(jnp.float32)
+
+
+def buffer_mix(
+    buffer: ReplayBuffer,
+    key: jax.Array,
+    x: jax.Array,
+    y: jax.Array,
+    task_id: Any,
+    fraction: Any,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Replaces a `fraction` of a batch, in expectation, by stored examples of earlier tasks.
+
+    Each of the ``B`` examples is replaced independently with probability `fraction` by an
+    example drawn uniformly (with replacement) from the slots holding a task ``< task_id``; the
+    batch keeps its size, so replay costs no extra computation (the replay of continual
+    pre-training, Ibrahim et al. 2024). While no earlier task is stored nothing is replaced.
+
+    Args:
+        buffer: The buffer.
+        key: PRNG key.
+        x: ``(B, ...)`` current batch inputs.
+        y: ``(B, ...)`` current batch labels.
+        task_id: The current task (int32 scalar, may be traced).
+        fraction: Replay share of the batch in ``[0, 1]`` (may be traced).
+
+    Returns:
+        ``(x, y, replaced)``: the mixed batch, in the dtypes of `x` and `y`, and the ``(B,)``
+        boolean mask of replaced positions.
+
+    Example:
+        >>> from cljax.experiments.replay import buffer_add, buffer_init, buffer_mix
+        >>> buf = buffer_init(4, jnp.zeros(1), jnp.zeros((), jnp.int32), num_tasks=2)
+        >>> buf = buffer_add(buf, jnp.ones((4, 1)), jnp.ones(4, jnp.int32), 0, jax.random.key(0))
+        >>> x, y, replaced = buffer_mix(buf, jax.random.key(1), jnp.zeros((3, 1)),
+        ...                             jnp.zeros(3, jnp.int32), 1, 1.0)
+        >>> y.tolist(), replaced.tolist()
+        ([1, 1, 1], [True, True, True])
+
+    References:
+        Ibrahim et al., "Simple and Scalable Strategies to Continually Pre-train Large Language
+        Models", TMLR 2024. https://arxiv.org/abs/2403.08763
+    """
+    k_pick, k_coin = jax.random.split(key)
+    b = x.shape[0]
+    past = (buffer.task >= 0) & (buffer.task < task_id)
+    logits = jnp.where(past, 0.0, -jnp.inf)
+    idx = jax.random.categorical(k_pick, logits, shape=(b,))
+    idx = jnp.where(jnp.any(past), idx, 0)
+    coin = jax.random.uniform(k_coin, (b,)) < jnp.asarray(fraction, jnp.float32)
+    replaced = coin & jnp.any(past)
+
+    def pick(stored, current):
+        mask = replaced.reshape((b,) + (1,) * (current.ndim - 1))
+        return jnp.where(mask, stored[idx].astype(current.dtype), current)
+
+    return pick(buffer.x, x), pick(buffer.y, y), replaced
 
 
 def buffer_task_weights(buffer: ReplayBuffer, num_tasks: int) -> tuple[jax.Array, jax.Array]:

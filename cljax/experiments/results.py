@@ -18,7 +18,16 @@ import numpy as np
 
 from cljax.experiments import metrics as _metrics
 
-__all__ = ["compare_table", "load_results", "markdown_tables", "summarize_runs", "write_json"]
+__all__ = [
+    "compare_table",
+    "load_results",
+    "loss_curves",
+    "loss_over_time",
+    "loss_table",
+    "markdown_tables",
+    "summarize_runs",
+    "write_json",
+]
 
 # (key, column title, percent) of the main table, per scenario.
 _MAIN = (
@@ -326,4 +335,125 @@ def compare_table(experiments: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
                     _cell(e.get("wall_time_s"), False),
                 ]
             )
+    return _table(header, rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Continual pre-training (EX-21): upstream and downstream loss.
+
+
+def loss_curves(result: Mapping[str, Any]) -> dict[str, list]:
+    """Upstream and downstream loss at every periodic evaluation of one run (EX-21).
+
+    At an evaluation during task ``k`` (the run's ``log``, on the sub-sampled test sets),
+    ``downstream = L[k]`` (the task being trained) and ``upstream = mean_{j<k} L[j]`` (the
+    earlier tasks; None during the first task). The random-init point is left out.
+
+    Args:
+        result: One run's result (`runner.run`).
+
+    Returns:
+        ``{"step", "task", "upstream", "downstream"}``, one entry per evaluation.
+
+    Example:
+        >>> from cljax.experiments.results import loss_curves
+        >>> log = {"step": [0, 5, 10], "task": [-1, 0, 1], "loss": [[4, 4], [1, 3], [2, 1]]}
+        >>> loss_curves({"log": log})["upstream"]
+        [None, 2.0]
+    """
+    log = result["log"]
+    out: dict[str, list] = {"step": [], "task": [], "upstream": [], "downstream": []}
+    for step, k, loss in zip(log["step"], log["task"], log["loss"], strict=True):
+        if k < 0:
+            continue
+        row = np.asarray([np.nan if v is None else v for v in loss], np.float64)
+        out["step"].append(int(step))
+        out["task"].append(int(k))
+        out["upstream"].append(float(np.mean(row[:k])) if k > 0 else None)
+        out["downstream"].append(float(row[k]))
+    return out
+
+
+def loss_over_time(result: Mapping[str, Any]) -> dict[str, float]:
+    """Upstream / downstream loss of one run: after the last task and averaged over time (EX-21).
+
+    ``final_upstream = mean_{j<T-1} L[T-1, j]`` and ``final_downstream = L[T-1, T-1]`` from the
+    loss matrix (full test sets; NaN with one task); ``upstream_mean`` and ``downstream_mean``
+    average `loss_curves` over the evaluations (upstream from the second task on), so a rise
+    right after a re-warm counts.
+
+    Example:
+        >>> from cljax.experiments.results import loss_over_time
+        >>> log = {"step": [5, 10], "task": [0, 1], "loss": [[1, 3], [2, 1]]}
+        >>> loss_over_time({"log": log, "loss_matrix": [[1, 3], [2, 1]]})["final_upstream"]
+        2.0
+    """
+    L = np.asarray(result["loss_matrix"], np.float64)
+    T = L.shape[0]
+    curves = loss_curves(result)
+    up = [v for v in curves["upstream"] if v is not None]
+    nan = float("nan")
+    return {
+        "final_upstream": float(np.mean(L[T - 1, : T - 1])) if T > 1 else nan,
+        "final_downstream": float(L[T - 1, T - 1]),
+        "upstream_mean": float(np.mean(up)) if up else nan,
+        "downstream_mean": float(np.mean(curves["downstream"])),
+    }
+
+
+def _setting(exp: Mapping[str, Any], method: str) -> str:
+    cfg = (exp.get("config") or {}).get(method) or {}
+    sched = cfg.get("schedule") or {}
+    text = sched.get("schedule", "constant")
+    if sched:
+        text += f" (warm-up {sched['warmup_steps']}, min {sched['min_lr_ratio']:g})"
+    fraction = (cfg.get("hparams") or {}).get("replay_fraction")
+    return text + (f", replay {fraction:g}" if fraction is not None else "")
+
+
+def loss_table(experiments: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
+    """Upstream and downstream loss across experiments (``cljax-experiments compare --losses``).
+
+    One row per (experiment, method): the schedule and replay setting, then the seed mean ± std
+    of `loss_over_time` and ``ΔCE`` (`metrics.loss_summary`), in nats per token for ``char-lm``.
+
+    Args:
+        experiments: ``(name, experiment)`` pairs, the experiment as ``results.json`` holds it.
+
+    Example:
+        >>> from cljax.experiments.results import loss_table
+        >>> run = {"log": {"step": [5, 10], "task": [0, 1], "loss": [[1, 3], [2, 1]]},
+        ...        "loss_matrix": [[1, 3], [2, 1]], "metrics": {"domain": {"delta_ce": 1.0}}}
+        >>> exp = {"scenarios": ["domain"], "runs": {"naive": {"0": run}}}
+        >>> print(loss_table([("out", exp)]).splitlines()[-1])
+        | out | naive | constant | 2.00 | 1.00 | 1.00 | 2.00 | 1.00 |
+    """
+    header = [
+        "run",
+        "method",
+        "schedule",
+        "upstream (end)",
+        "downstream (end)",
+        "ΔCE",
+        "upstream (mean over time)",
+        "downstream (mean over time)",
+    ]
+    rows = []
+    for name, exp in experiments:
+        scenarios = exp.get("scenarios") or []
+        s = "class" if "class" in scenarios else (scenarios[0] if scenarios else "")
+        for method, by_seed in (exp.get("runs") or {}).items():
+            per_run = [loss_over_time(r) for r in by_seed.values()]
+            cells = [
+                _cell(_metrics.aggregate([p[k] for p in per_run]), False)
+                for k in ("final_upstream", "final_downstream")
+            ]
+            cells.append(
+                _cell(_metrics.aggregate(_values(by_seed, "metrics", s, "delta_ce")), False)
+            )
+            cells += [
+                _cell(_metrics.aggregate([p[k] for p in per_run]), False)
+                for k in ("upstream_mean", "downstream_mean")
+            ]
+            rows.append([name, method, _setting(exp, method), *cells])
     return _table(header, rows)

@@ -22,7 +22,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -34,12 +34,14 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import cljax
 from cljax.experiments import memory as _memory
 from cljax.experiments import metrics as _metrics
 from cljax.experiments import replay as _replay
 from cljax.experiments.benchmarks import Benchmark, get_benchmark
 from cljax.experiments.data import Stream
 from cljax.experiments.methods import (
+    RUN_SETTINGS,
     Method,
     ModelFunctions,
     StepContext,
@@ -50,10 +52,22 @@ from cljax.experiments.methods import (
 )
 from cljax.experiments.models import Functional, build_model, functional
 
-__all__ = ["RunConfig", "make_config", "primary_scenario", "run"]
+__all__ = [
+    "SCHEDULES",
+    "RunConfig",
+    "learning_rate_schedule",
+    "make_config",
+    "primary_scenario",
+    "run",
+]
 
 _F32 = jnp.float32
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+SCHEDULES = ("constant", "cosine", "rewarm_cosine")
+"""Learning-rate schedules of a run (``--set schedule=...``): ``'constant'`` (the default),
+``'cosine'`` (one warm-up + cosine decay over the whole run) and ``'rewarm_cosine'`` (re-warm and
+re-decay within every task, EX-21)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,10 +88,14 @@ class RunConfig:
     probe_size: int
     devices: int
     hparams: Mapping[str, Any]
+    schedule: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        """The settings as JSON-ready values."""
-        return json.loads(json.dumps(dataclasses.asdict(self), default=_json_default))
+        """The settings as JSON-ready values (no ``schedule`` entry for a constant learning rate)."""
+        out = json.loads(json.dumps(dataclasses.asdict(self), default=_json_default))
+        if not out["schedule"]:
+            del out["schedule"]
+        return out
 
 
 def _json_default(value: Any) -> Any:
@@ -121,15 +139,19 @@ def make_config(
         num_tasks, model, steps_per_task, batch_size, eval_every, eval_subsample, online:
             Override the benchmark's values when given.
         devices: Devices for data parallelism (the batch size must divide by it).
-        overrides: Hyper-parameter overrides, ``{'learning_rate': 3e-3, 'replay.buffer_size': 500}``.
+        overrides: Hyper-parameter overrides, ``{'learning_rate': 3e-3, 'replay.buffer_size': 500}``,
+            and the run's learning-rate schedule settings (`methods.RUN_SETTINGS`): ``schedule``
+            (one of `SCHEDULES`, default ``'constant'``), ``warmup_steps`` (default a tenth of
+            `steps_per_task`) and ``min_lr_ratio`` (``η_min / η_max``, default 0.1); see
+            `learning_rate_schedule`.
         method_spec: A `Method` not in the registry, run under the name `method`.
 
     Returns:
         A `RunConfig`.
 
     Raises:
-        ValueError: for unknown names, non-positive sizes, or a batch size that does not divide
-            over the devices.
+        ValueError: for unknown names, non-positive sizes, a batch size that does not divide
+            over the devices, an unknown schedule or bad schedule settings.
 
     Example:
         >>> from cljax.experiments.runner import make_config
@@ -138,6 +160,8 @@ def make_config(
     """
     bench = get_benchmark(benchmark)
     spec = method_spec or get_method(method)
+    overrides = dict(overrides or {})
+    settings = {k: overrides.pop(k) for k in RUN_SETTINGS if k in overrides}
     cfg = RunConfig(
         benchmark=benchmark if isinstance(benchmark, str) else "custom",
         method=method,
@@ -156,6 +180,7 @@ def make_config(
             method, spec, learning_rate=bench.learning_rate, seed=int(seed), overrides=overrides
         ),
     )
+    cfg = dataclasses.replace(cfg, schedule=_schedule_settings(settings, cfg.steps_per_task))
     _check_positive(
         "make_config",
         steps_per_task=cfg.steps_per_task,
@@ -172,6 +197,102 @@ def make_config(
             "choose a batch size that is a multiple of --devices."
         )
     return cfg
+
+
+def _schedule_settings(settings: Mapping[str, Any], steps_per_task: int) -> dict[str, Any]:
+    """The normalised schedule settings of a run: ``{}`` for a constant learning rate."""
+    fn = "make_config"
+    name = settings.get("schedule", "constant")
+    if name not in SCHEDULES:
+        raise ValueError(
+            f"{fn}: unknown learning-rate schedule {name!r}; choose from: {', '.join(SCHEDULES)}."
+        )
+    if name == "constant":
+        extra = sorted(k for k in settings if k != "schedule")
+        if extra:
+            raise ValueError(
+                f"{fn}: {', '.join(extra)} set with a constant learning rate; also set "
+                "schedule=cosine or schedule=rewarm_cosine."
+            )
+        return {}
+    warmup = settings.get("warmup_steps")
+    warmup = steps_per_task // 10 if warmup is None else warmup
+    if isinstance(warmup, bool) or not isinstance(warmup, (int, np.integer)) or warmup < 0:
+        raise ValueError(f"{fn}: warmup_steps must be an int >= 0, got {warmup!r}.")
+    ratio = settings.get("min_lr_ratio", 0.1)
+    if (
+        isinstance(ratio, bool)
+        or not isinstance(ratio, (int, float, np.integer, np.floating))
+        or not 0.0 <= float(ratio) <= 1.0
+    ):
+        raise ValueError(f"{fn}: min_lr_ratio must be a number in [0, 1], got {ratio!r}.")
+    return {"schedule": name, "warmup_steps": int(warmup), "min_lr_ratio": float(ratio)}
+
+
+def learning_rate_schedule(
+    schedule: Mapping[str, Any], peak: float, task_steps: Sequence[int]
+) -> optax.Schedule | None:
+    """The learning-rate schedule of a run, a function of the run's optimizer step count.
+
+    With ``η_max = peak``, ``η_min = min_lr_ratio · η_max``, ``W = warmup_steps`` and a
+    warm-up + cosine shape over ``S`` steps,
+    ``f_S(s) = η_max · s / W`` for ``s < W``, then
+    ``η_min + (η_max − η_min) · (1 + cos(π (s − W) / (S − W))) / 2`` (``η_min`` from ``s = S``):
+
+    * ``'constant'`` (``schedule == {}``): None; the method gets its float learning rate.
+    * ``'cosine'``: ``f_N(t)`` over the whole run, ``N = Σ task_steps`` (training from scratch).
+    * ``'rewarm_cosine'``: ``f_{S_k}(t − b_k)`` in task ``k`` (``b_k`` its first step, ``S_k``
+      its steps): re-warmed linearly from 0 to ``η_max`` at the start of every task and
+      re-decayed to ``η_min`` by its end (`cljax.rewarm_schedule` of one task's schedule when
+      every task has the same length; per-task schedules joined at the boundaries otherwise).
+
+    Task boundaries are static, so the schedule never recompiles at a task boundary.
+
+    Args:
+        schedule: ``RunConfig.schedule``.
+        peak: ``η_max``, the method's ``learning_rate``.
+        task_steps: Optimizer steps of every task of the stream.
+
+    Returns:
+        An optax schedule, or None for a constant learning rate.
+
+    Raises:
+        ValueError: when the warm-up is not shorter than a task (``'rewarm_cosine'``) or the run.
+
+    Example:
+        >>> from cljax.experiments.runner import learning_rate_schedule
+        >>> settings = {"schedule": "rewarm_cosine", "warmup_steps": 2, "min_lr_ratio": 0.0}
+        >>> lr = learning_rate_schedule(settings, 1.0, [6, 6])
+        >>> [round(float(lr(t)), 3) for t in (0, 1, 2, 4, 6, 7, 8)]
+        [0.0, 0.5, 1.0, 0.5, 0.0, 0.5, 1.0]
+
+    References:
+        Gupta et al., "Continual Pre-Training of Large Language Models: How to (re)warm your
+        model?", 2023. https://arxiv.org/abs/2308.04014
+
+        Ibrahim et al., "Simple and Scalable Strategies to Continually Pre-train Large Language
+        Models", TMLR 2024. https://arxiv.org/abs/2403.08763
+    """
+    if not schedule:
+        return None
+    name, warmup = schedule["schedule"], int(schedule["warmup_steps"])
+    low = float(schedule["min_lr_ratio"]) * peak
+    lengths = [int(n) for n in task_steps]
+
+    def one(total: int, what: str) -> optax.Schedule:
+        if warmup >= total:
+            raise ValueError(
+                f"run: warmup_steps={warmup} must be shorter than {what} ({total} steps) with "
+                f"schedule={name!r}; lower --set warmup_steps."
+            )
+        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total, low)
+
+    if name == "cosine":
+        return one(sum(lengths), "the run")
+    boundaries = np.cumsum(lengths)[:-1].tolist()
+    if len(set(lengths)) == 1:
+        return cljax.rewarm_schedule(one(lengths[0], "a task"), boundaries)
+    return optax.join_schedules([one(n, f"task {k}") for k, n in enumerate(lengths)], boundaries)
 
 
 def primary_scenario(stream: Stream) -> str:
@@ -293,16 +414,89 @@ class _Counters:
             self.xla += 1
 
 
+def _is_schedule_state(x: Any) -> bool:
+    return isinstance(x, optax.ScaleByScheduleState)
+
+
+def _schedule_states(opt_state: Any) -> int:
+    """How many learning-rate schedule states (`optax.ScaleByScheduleState`) an optimizer has."""
+    return sum(map(_is_schedule_state, jax.tree.leaves(opt_state, is_leaf=_is_schedule_state)))
+
+
+def _sync_schedule(opt_state: Any, step: jax.Array) -> Any:
+    """Sets every schedule count to the run's step, also after a hook re-initialised the optimizer."""
+    return jax.tree.map(
+        lambda s: (
+            s._replace(count=jnp.asarray(step, s.count.dtype)) if _is_schedule_state(s) else s
+        ),
+        opt_state,
+        is_leaf=_is_schedule_state,
+    )
+
+
+def _all_task_steps(config: RunConfig, spec: Method, stream: Stream) -> list[int]:
+    return [
+        _task_steps(config, len(_task_data(stream, t, spec.data)[0]))
+        for t in range(stream.num_tasks)
+    ]
+
+
+def _optimizer(
+    config: RunConfig, spec: Method, stream: Stream, hp: Mapping[str, Any], params: Any
+) -> optax.GradientTransformation:
+    """The method's optimizer, with the run's learning-rate schedule in place of its float.
+
+    Raises:
+        ValueError: when the method cannot take a schedule (its `Method.schedule_conflict`
+            says why, or its optimizer does not apply ``hp['learning_rate']`` through an optax
+            learning-rate schedule).
+    """
+    if not config.schedule:
+        return spec.optimizer(hp)
+    name = config.schedule["schedule"]
+    refuse = f"run: method {config.method!r} cannot take the learning-rate schedule {name!r}"
+    reason = spec.schedule_conflict(hp) if spec.schedule_conflict is not None else None
+    if reason:
+        raise ValueError(f"{refuse}: {reason}. Run it with schedule=constant.")
+    peak = hp["learning_rate"]
+    if isinstance(peak, bool) or not isinstance(peak, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{refuse}: its learning_rate {peak!r} is not a number.")
+    lr = learning_rate_schedule(config.schedule, float(peak), _all_task_steps(config, spec, stream))
+    tx = spec.optimizer({**hp, "learning_rate": lr})
+    before = _schedule_states(jax.eval_shape(spec.optimizer(hp).init, params))
+    after = _schedule_states(jax.eval_shape(tx.init, params))
+    if before or not after:
+        raise ValueError(
+            f"{refuse}: its optimizer does not scale by hp['learning_rate'] through one optax "
+            "learning-rate schedule (optax.scale_by_learning_rate). Run it with schedule=constant."
+        )
+    return tx
+
+
 def _make_train_chunk(
-    loss_fn, tx, spec: Method, hp, num_tasks, replay_size, counters, repl, fns=None
+    loss_fn,
+    tx,
+    spec: Method,
+    hp,
+    num_tasks,
+    replay_size,
+    counters,
+    repl,
+    fns=None,
+    *,
+    scheduled=False,
 ):
+    fraction = hp.get("replay_fraction") if spec.replay else None
+
     def step(carry: TrainState, inputs):
         x, y, ok, task_id = inputs
         key = jax.random.wrap_key_data(carry.key)
         key, k_memory, k_add, k_extra = jax.random.split(key, 4)
         w = jnp.ones((x.shape[0],), _F32)
         xl, yl, wl = x, y, w
-        if spec.replay:
+        if spec.replay and fraction is not None:  # a share of the batch replaced (EX-21)
+            xl, yl, _ = _replay.buffer_mix(carry.buffer, k_memory, x, y, task_id, fraction)
+        elif spec.replay:
             mx, my, mw = _replay.buffer_sample(carry.buffer, k_memory, replay_size)
             xl = jnp.concatenate([x, mx.astype(x.dtype)])
             yl = jnp.concatenate([y, my.astype(y.dtype)])
@@ -314,7 +508,8 @@ def _make_train_chunk(
                 carry.params, x, y, task_id, k_extra, carry.buffer, loss_fn, hp, num_tasks, fns
             )
             extras = spec.step_extras(ctx)
-        updates, opt_state = tx.update(grads, carry.opt_state, carry.params, **extras)
+        opt_state = _sync_schedule(carry.opt_state, carry.step) if scheduled else carry.opt_state
+        updates, opt_state = tx.update(grads, opt_state, carry.params, **extras)
         params = optax.apply_updates(carry.params, updates)
         buffer = carry.buffer
         if spec.buffer != "none":
@@ -519,8 +714,8 @@ def run(
         task ends).
 
     Raises:
-        ValueError: for a resume whose checkpoint was made with other settings, or too few
-            devices.
+        ValueError: for a resume whose checkpoint was made with other settings, too few
+            devices, or a learning-rate schedule the method cannot take.
 
     Example:
         >>> from cljax.experiments.runner import make_config, run
@@ -562,7 +757,8 @@ def preflight(config: RunConfig, stream: Stream, method_spec: Method | None = No
         method_spec: The `Method` when it is not registered under ``config.method``.
 
     Raises:
-        ValueError: what the method raises for this model (its message names the method).
+        ValueError: what the method raises for this model (its message names the method), or
+            a learning-rate schedule the method cannot take.
 
     Example:
         >>> from cljax.experiments.benchmarks import get_benchmark
@@ -582,7 +778,7 @@ def preflight(config: RunConfig, stream: Stream, method_spec: Method | None = No
     params = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), nnx.to_pure_dict(nnx.state(net))
     )
-    tx = spec.optimizer(hp)
+    tx = _optimizer(config, spec, stream, hp, params)
     jax.eval_shape(tx.init, params)
     if spec.init_extra is not None:
         jax.eval_shape(lambda p: spec.init_extra(p, hp), params)
@@ -607,9 +803,22 @@ def _run(config, spec, stream, T, hp, counters, checkpoint_dir, resume, stop_aft
         compiled = _build_compiled(functional(net))
     theta0 = jax.device_put(nnx.to_pure_dict(nnx.state(net)), repl)
     loss_fn, fns = compiled.loss, compiled.fns
-    tx = spec.optimizer(hp)
+    tx = _optimizer(config, spec, stream, hp, theta0)
     replay_size = int(hp.get("replay_batch_size") or config.batch_size)
-    train_chunk = _make_train_chunk(loss_fn, tx, spec, hp, T, replay_size, counters, repl, fns=fns)
+    if spec.replay and hp.get("replay_fraction") is not None:
+        replay_size = 0  # replayed examples replace part of the batch: no extra examples
+    train_chunk = _make_train_chunk(
+        loss_fn,
+        tx,
+        spec,
+        hp,
+        T,
+        replay_size,
+        counters,
+        repl,
+        fns=fns,
+        scheduled=bool(config.schedule),
+    )
     scenarios = stream.scenarios
     primary = primary_scenario(stream)
 
