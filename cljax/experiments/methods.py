@@ -965,6 +965,30 @@ def _lora_start(state: TrainState, ctx: TaskContext) -> TrainState:
     return state._replace(opt_state=cljax.merged_lora_reset(opt_state))
 
 
+def _lisa_optimizer(hp: Mapping[str, Any]) -> optax.GradientTransformation:
+    _check_examples("lisa", "num_active", hp["num_active"])
+    _check_examples("lisa", "interval", hp["interval"])
+    tx = cljax.lisa(
+        optax.adam(hp["learning_rate"]),
+        layer_list="blocks",
+        num_active=int(hp["num_active"]),
+        interval=int(hp["interval"]),
+        seed=int(hp["seed"]),
+    )
+
+    def init_fn(params):
+        # `lisa` trains every leaf of a model without the layer list: refuse such a model.
+        if not isinstance(params, Mapping) or not params.get("blocks"):
+            raise ValueError(
+                "method 'lisa' samples blocks of a model whose parameters hold a list of "
+                "identically shaped blocks under 'blocks' (tiny_llama); this model has none "
+                "(the MLP's and the CNN's layers differ in shape)."
+            )
+        return tx.init(params)
+
+    return optax.GradientTransformationExtraArgs(init_fn, tx.update)
+
+
 def _spu_optimizer(hp: Mapping[str, Any]) -> optax.GradientTransformation:
     _check_fraction("spu", "density", hp["density"])
     _check_fraction("spu", "score_fraction", hp["score_fraction"])
@@ -1264,9 +1288,16 @@ def _build_methods() -> dict[str, Method]:
         step_extras=_cbp_extras,
         references='Dohare et al., "Loss of plasticity in deep continual learning", Nature 2024',
     )
-    # Sparse masks and low-rank projections. LISA (cljax.lisa) is not registered: it samples
-    # layers of a stacked ``(N_L, ...)`` leaf, and these models keep each layer in its own leaves
-    # (the MLP's layers even differ in shape).
+    # Sparse masks and low-rank projections.
+    m["lisa"] = Method(
+        "LISA: Adam on one randomly drawn block per 20-step period plus the embedding, norms and head (cljax.lisa; tiny_llama).",
+        _lisa_optimizer,
+        defaults={"num_active": 1, "interval": 20},
+        references=(
+            'Pan et al., "LISA: Layerwise Importance Sampling for Memory-Efficient Large Language '
+            'Model Fine-Tuning", NeurIPS 2024'
+        ),
+    )
     m["exclusive_masks"] = Method(
         "ExSSNeT: per task, an edge-popup supermask; only weights no earlier task uses train.",
         _exclusive_optimizer,

@@ -40,20 +40,26 @@ def _hp(name, **over):
 
 
 MLP_PARAMS = functional(build_model("mlp", (5,), 3, seed=0, hidden=(4,))).params
+LLAMA_PARAMS = functional(
+    build_model("tiny_llama", (8,), 20, seed=0, dim=8, depth=3, heads=2, hidden=8)
+).params
+# Methods for one model family only: built on that model.
+_MODEL_PARAMS = {"lisa": LLAMA_PARAMS}
 
 
 @pytest.mark.parametrize("name", list(Me.METHODS))
 def test_every_registered_method_builds_and_evaluates(name):
     method = Me.METHODS[name]
     hp = _hp(name)
-    state, tx = _state(MLP_PARAMS, method, hp)
+    params = _MODEL_PARAMS.get(name, MLP_PARAMS)
+    state, tx = _state(params, method, hp)
     if method.eval_params is not None:
         evaluated = jax.jit(lambda s: method.eval_params(s, hp))(state)
-        assert jax.tree.structure(evaluated) == jax.tree.structure(MLP_PARAMS)
+        assert jax.tree.structure(evaluated) == jax.tree.structure(params)
     if method.task_eval_params is not None:  # one model per task: leaves (T, ...)
         per_task = jax.jit(lambda s: method.task_eval_params(s, hp))(state)
-        assert jax.tree.structure(per_task) == jax.tree.structure(MLP_PARAMS)
-        for a, p in zip(jax.tree.leaves(per_task), jax.tree.leaves(MLP_PARAMS), strict=True):
+        assert jax.tree.structure(per_task) == jax.tree.structure(params)
+        for a, p in zip(jax.tree.leaves(per_task), jax.tree.leaves(params), strict=True):
             assert a.shape == (3, *p.shape)
     assert method.summary and method.references
     # Every declared CL sub-state is in the optimizer state.
@@ -832,6 +838,36 @@ def test_sparse_and_low_rank_methods_validate_their_settings():
         Me.METHODS["galore"].optimizer(_hp("galore", **{"rank": 0}))
     with pytest.raises(ValueError, match="'refresh_every' must be an int >= 1"):
         Me.METHODS["galore"].optimizer(_hp("galore", **{"refresh_every": None}))
+
+
+def test_lisa_trains_one_block_per_period_and_refuses_models_without_a_block_list():
+    method = Me.METHODS["lisa"]
+    state, tx = _state(LLAMA_PARAMS, method, _hp("lisa", **{"lisa.interval": 2}))
+    update = jax.jit(tx.update)
+    rng = np.random.default_rng(0)
+    params, opt_state = state.params, state.opt_state
+    for period in range(3):
+        start = params
+        for _ in range(2):
+            grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+            u, opt_state = update(grads, opt_state, params)
+            params = optax.apply_updates(params, u)
+        moved = [
+            any(
+                bool(jnp.any(a != b))
+                for a, b in zip(
+                    jax.tree.leaves(start["blocks"][i]),
+                    jax.tree.leaves(params["blocks"][i]),
+                    strict=True,
+                )
+            )
+            for i in range(3)
+        ]
+        assert sum(moved) == 1, (period, moved)  # one of the three blocks per period
+        assert bool(jnp.any(start["embed"]["embedding"] != params["embed"]["embedding"]))
+    assert cljax.find_state(opt_state, optax.ScaleByAdamState).mu["blocks"] is not None
+    with pytest.raises(ValueError, match="method 'lisa' samples blocks"):
+        method.optimizer(_hp("lisa")).init(MLP_PARAMS)
 
 
 def _lora_task_deltas(dense_tasks, tasks=2, rank=2):
