@@ -10,7 +10,9 @@ density (uniform random support, `cljax.random_mask`); norms stay dense. Timed e
 * ``set_rigl`` at 90% sparsity, mask update every 100 steps (the timed steps are mostly plain masked
   steps; the amortised cost of the update steps is measured separately);
 * ``magnitude_pruning`` at 90% sparsity with masks recomputed every 100 steps (same);
-* ``exclusive_masks`` (ExSSNeT, one task mask of density 0.1 and a union of density 0.1).
+* ``exclusive_masks`` (ExSSNeT, one task mask of density 0.1 and a union of density 0.1);
+* ``lisa`` over the tree's list of blocks (``layer_list="blocks"``), 2 blocks active per period of
+  20 steps (the timed steps include the periodic redraws).
 
 Reported: median step time, the median over rounds of the ratio to optax.adamw in the same round,
 optimizer-state bytes relative to adamw, the number of masks stored and their size in bits per
@@ -63,6 +65,10 @@ def make_entries(params: Any) -> dict[str, Any]:
         ),
         "magnitude_pruning (90%)": cljax.magnitude_pruning(adamw(), 0.9, update_every=UPDATE_EVERY),
         "exclusive_masks": cljax.exclusive_masks(adamw(), capacity=CAPACITY),
+        # LISA over the list of blocks: 2 blocks (plus embedding, norms, head) train per period.
+        "lisa (2 blocks, layer_list)": cljax.lisa(
+            adamw(), layer_list="blocks", num_active=2, interval=20
+        ),
     }
     return entries
 
